@@ -21,7 +21,9 @@ def _prefilter(data: np.ndarray, order: int) -> np.ndarray:
     # Spline coefficients once for the whole volume; map_coordinates on chunks
     # then uses prefilter=False, which keeps chunked results identical.
     if order > 1:
-        return ndimage.spline_filter(np.asarray(data, dtype=np.float64), order=order, mode="nearest")
+        return ndimage.spline_filter(
+            np.asarray(data, dtype=np.float64), order=order, mode="nearest"
+        )
     return np.asarray(data, dtype=np.float64)
 
 

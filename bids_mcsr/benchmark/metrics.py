@@ -36,10 +36,6 @@ def ssim(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, win_size: int = 
     p = np.where(mask, minmax_in_mask(pred, mask), 0.0)
     t = np.where(mask, minmax_in_mask(truth, mask), 0.0)
     idx = np.nonzero(mask)
-    box = tuple(
-        slice(max(int(i.min()) - win_size, 0), int(i.max()) + win_size + 1) for i in idx
-    )
-    _, smap = structural_similarity(
-        t[box], p[box], data_range=1.0, win_size=win_size, full=True
-    )
+    box = tuple(slice(max(int(i.min()) - win_size, 0), int(i.max()) + win_size + 1) for i in idx)
+    _, smap = structural_similarity(t[box], p[box], data_range=1.0, win_size=win_size, full=True)
     return float(smap[mask[box]].mean())
