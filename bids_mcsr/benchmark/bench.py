@@ -1,0 +1,316 @@
+"""The benchmark loop: simulate -> write BIDS -> run the CLI per method -> score -> tabulate.
+
+Work layout under ``out``::
+
+    bids/<case>_<mode>_<view>/                 simulated raw BIDS dataset
+    derivatives/<case>_<mode>_<view>/<method>/  the app's output_dir
+    work/<case>_<mode>_<view>/<method>/         the app's --work-dir
+    logs/<case>_<mode>_<view>_<method>_<repeat>.log
+    results.json, results.md
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..derivatives import output_stem
+from ..resample import resample_to_grid
+from . import metrics
+from .cases import QUICK_CASE, Case, load_case, user_case
+from .dataset import write_case_dataset
+from .runner import INR_METHODS, REPO, app_command, run_child
+from .table import LESION_COLUMNS, MAIN_COLUMNS, markdown_table
+
+
+@dataclass
+class Settings:
+    """Everything that defines one benchmark run (saved into results.json)."""
+
+    cases: list[str]
+    methods: list[str]
+    modes: list[str]
+    views: list[str]
+    data_dir: Path
+    out: Path
+    hr: list[str] = field(default_factory=list)
+    hr_mask: str | None = None
+    repeats: int = 1
+    epochs: int | None = None  # all INR methods but ``paper``; None = preset default
+    paper_epochs: int = 1
+    device: str = "auto"
+    seed: int = 0
+    registration: bool = False
+    timeout_s: float | None = None
+    thickness: int = 4
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """Date, host, CPU, GPU and the code's commit, for the results header."""
+    import torch  # only here: the benchmark itself never needs it
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _sidecar(path: Path) -> dict:
+    return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+
+
+def _prediction(path: Path, case: Case) -> tuple[np.ndarray, bool]:
+    """The app's output on the case's HR grid; ``True`` when it had to be resampled."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.shape == case.shape and np.allclose(img.affine, case.affine, atol=1e-3):
+        return data, False
+    return resample_to_grid(data, img.affine, case.shape, case.affine, order=3), True
+
+
+def output_path(out_dir: Path, case: Case, contrast: str) -> Path:
+    """Where the app writes the super-resolved ``contrast`` of ``case``."""
+    naming = dict(case.bids[contrast])
+    suffix = naming.pop("suffix")
+    stem = output_stem(case.label, None, naming, suffix)
+    return out_dir / f"sub-{case.label}" / "anat" / f"{stem}.nii.gz"
+
+
+def _run_method(
+    s: Settings, case: Case, key: str, bids_dir: Path, method: str
+) -> tuple[dict, dict[str, np.ndarray] | None]:
+    """Run one method ``s.repeats`` times; returns (timing record, predictions)."""
+    out_dir = s.out / "derivatives" / key / method
+    epochs = s.paper_epochs if method == "paper" else s.epochs if method in INR_METHODS else None
+    cmd = app_command(
+        bids_dir,
+        out_dir,
+        case.label,
+        method,
+        work_dir=s.out / "work" / key / method,
+        epochs=epochs,
+        device=s.device,
+        seed=s.seed,
+        overwrite=True,
+    )
+    if not s.registration:
+        cmd.append("--no-registration")
+    walls, fits, rss, sidecar = [], [], [], {}
+    for r in range(s.repeats):
+        run = run_child(cmd, s.out / "logs" / f"{key}_{method}_{r}.log", s.timeout_s)
+        _log(f"{key} {method} run {r + 1}/{s.repeats}: exit {run.returncode}, {run.wall_s:.1f} s")
+        if run.returncode != 0:
+            tail = run.log.read_text(errors="replace").strip().splitlines()[-3:]
+            record = {"error": f"exit {run.returncode}; see {run.log}", "log_tail": tail}
+            return record, None
+        walls.append(run.wall_s)
+        rss.append(run.max_rss_mb)
+        sidecar = _sidecar(output_path(out_dir, case, case.contrasts[0])).get("SuperResolution", {})
+        if sidecar.get("WallTimeS") is not None:
+            fits.append(float(sidecar["WallTimeS"]))
+    preds, regridded = {}, False
+    for c in case.contrasts:
+        preds[c], moved = _prediction(output_path(out_dir, case, c), case)
+        regridded |= moved
+    record = {
+        "wall_s": statistics.median(walls),
+        "wall_s_runs": walls,
+        "fit_s": statistics.median(fits) if fits else None,
+        "peak_rss_mb": max(rss),
+        "samples_per_s": sidecar.get("SamplesPerS"),
+        "epochs": sidecar.get("EpochsRun") if method != "spline" else None,
+        "selected_epoch": sidecar.get("SelectedEpoch") if method != "spline" else None,
+        "stop_reason": sidecar.get("StopReason") if method != "spline" else None,
+        # The spline baseline is numpy/scipy: CPU whatever its sidecar says.
+        "device": sidecar.get("Device") if method != "spline" else "cpu",
+        "regridded": regridded,
+        "command": " ".join(cmd[1:]),
+    }
+    return record, preds
+
+
+def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> dict[str, dict]:
+    """Metrics per scored contrast (PSNR, SSIM, eps MI, eps-hat, lesion metrics)."""
+    errors = metrics.mi_errors(preds, case.volumes, case.mask, case.scored)
+    out = {}
+    for c in case.scored:
+        truth = case.volumes[c]
+        row = {
+            "psnr": metrics.psnr(preds[c], truth, case.mask),
+            "ssim": metrics.ssim(preds[c], truth, case.mask),
+            "eps_mi": errors[f"eps_{c}"],
+            "eps_hat": errors["eps_hat"],
+        }
+        if case.lesions is not None and wm is not None:
+            row["lesion_psnr"] = metrics.psnr(preds[c], truth, case.mask, region=case.lesions)
+            row["lesion_contrast"] = metrics.lesion_contrast(preds[c], case.lesions, wm)
+            row["lesion_contrast_truth"] = metrics.lesion_contrast(truth, case.lesions, wm)
+        out[c] = row
+    return out
+
+
+def _add_spline_gains(rows: list[dict]) -> None:
+    """``gain_db`` (and lesion gains) relative to the spline row of the same setting."""
+
+    def where(r: dict) -> tuple:
+        return (r["case"], r["mode"], r["view"], r["contrast"])
+
+    spline = {where(r): r for r in rows if r["method"] == "spline" and "psnr" in r}
+    for r in rows:
+        ref = spline.get(where(r))
+        if ref is None or "psnr" not in r:
+            continue
+        r["gain_db"] = r["psnr"] - ref["psnr"]
+        if "lesion_psnr" in r:
+            r["lesion_psnr_gain_db"] = r["lesion_psnr"] - ref["lesion_psnr"]
+            r["lesion_contrast_vs_spline"] = r["lesion_contrast"] / ref["lesion_contrast"]
+
+
+def _cases(s: Settings) -> list[Callable[[], Case]]:
+    """Loaders (one case in memory at a time)."""
+    loaders: list[Callable[[], Case]] = [
+        lambda name=name: load_case(name, s.data_dir, s.thickness) for name in s.cases
+    ]
+    if s.hr:
+        loaders.append(lambda: user_case(s.hr, s.hr_mask, s.thickness))
+    return loaders
+
+
+def run_benchmark(s: Settings) -> dict:
+    """Run every case x mode x view x method; returns the results dict (also saved)."""
+    s.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+        "rows": [],
+        "notes": [],
+    }
+    for load in _cases(s):
+        case = load()
+        results["notes"] += [n for n in case.notes if n not in results["notes"]]
+        wm = None
+        if case.lesions is not None:
+            wm = metrics.white_matter_mask(case.volumes["T1w"], case.mask, case.lesions)
+        for mode in s.modes:
+            for view in s.views:
+                key = f"{case.name}_{mode}_{view}"
+                bids_dir = s.out / "bids" / key
+                write_case_dataset(case, bids_dir, mode, view, s.thickness)
+                for method in s.methods:
+                    base = {"case": case.name, "mode": mode, "view": view, "method": method}
+                    record, preds = _run_method(s, case, key, bids_dir, method)
+                    scores = score(case, preds, wm) if preds is not None else {}
+                    for c in case.scored:
+                        results["rows"].append(
+                            {**base, "contrast": c, **record, **scores.get(c, {})}
+                        )
+        _add_spline_gains(results["rows"])
+        save(results, s.out)
+    return results
+
+
+def render(results: dict) -> str:
+    """Markdown: header (machine, commit, settings), main table, lesion table, notes."""
+    m, st = results["machine"], results["settings"]
+    gpu = m["gpu"] or "none"
+    lines = [
+        f"- date: {m['date_utc']}; commit `{m['commit']}`"
+        + (" (+ local changes)" if m["dirty"] else ""),
+        f"- machine: {m['cpu']}, {m['cores']} cores, GPU: {gpu}; Python {m['python']}, torch {m['torch']}",
+        f"- settings: modes {st['modes']}, partner views {st['views']}, slice thickness "
+        f"{st['thickness']} mm, repeats {st['repeats']} (wall s = median), epochs "
+        f"{st['epochs'] or 'preset default'}, paper preset epochs {st['paper_epochs']}, "
+        f"registration {'on' if st['registration'] else 'off (--no-registration)'}",
+        "",
+        markdown_table(results["rows"], MAIN_COLUMNS),
+    ]
+    lesion_rows = [r for r in results["rows"] if "lesion_psnr" in r]
+    if lesion_rows:
+        lines += ["", markdown_table(lesion_rows, LESION_COLUMNS)]
+    failed = [r for r in results["rows"] if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:"]
+        lines += [
+            f"- {r['case']} {r['mode']} {r['view']} {r['method']}: {r['error']}" for r in failed
+        ]
+    if results["notes"]:
+        lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def save(results: dict, out: Path) -> None:
+    """Write ``results.json`` and ``results.md`` under ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(render(results))
+
+
+def quick_settings(data_dir: Path, out: Path, device: str = "auto") -> Settings:
+    """The CI-sized run: a small icbm crop, spline vs split-head, paper simulation."""
+    return Settings(
+        cases=[QUICK_CASE],
+        methods=["spline", "split-head"],
+        modes=["paper"],
+        views=["sagittal"],
+        data_dir=data_dir,
+        out=out,
+        device=device,
+    )
+
+
+def quick_failures(rows: Sequence[dict]) -> list[str]:
+    """Why the quick check fails (empty when split-head beats spline on every contrast)."""
+    problems = [f"{r['method']} on {r['contrast']}: {r['error']}" for r in rows if "error" in r]
+    by = {(r["contrast"], r["method"]): r for r in rows if "psnr" in r}
+    for contrast in sorted({r["contrast"] for r in rows}):
+        inr, spline = by.get((contrast, "split-head")), by.get((contrast, "spline"))
+        if inr is None or spline is None:
+            problems.append(f"{contrast}: missing a split-head or spline result")
+        elif not inr["psnr"] > spline["psnr"]:
+            problems.append(
+                f"{contrast}: split-head PSNR {inr['psnr']:.2f} dB does not beat "
+                f"spline {spline['psnr']:.2f} dB"
+            )
+    return problems

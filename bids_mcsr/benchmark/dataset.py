@@ -1,0 +1,87 @@
+"""Write a simulated case as a tiny raw BIDS dataset the app can read.
+
+Layout (one subject, no sessions)::
+
+    root/dataset_description.json
+    root/README
+    root/participants.tsv
+    root/sub-<label>/anat/sub-<label>[_ce-<ce>]_<suffix>.nii.gz  (+ .json sidecar)
+
+Each sidecar has ``SliceThickness`` (mm) and a ``Simulation`` object saying how the
+volume was made (mode, source, down-sampling factors per voxel axis, plane).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .cases import Case, view_factors
+from .simulate import simulate_acquisition
+
+#: BIDS entity order for the filenames we write (subset of the spec's order).
+_ENTITY_ORDER = ("ses", "acq", "ce", "rec", "run")
+
+
+def bids_stem(label: str, naming: dict[str, str]) -> str:
+    """``sub-<label>[_ce-..]_<suffix>`` for a contrast's ``{"suffix": .., <entity>: ..}``."""
+    parts = [f"sub-{label}"]
+    parts += [f"{k}-{naming[k]}" for k in _ENTITY_ORDER if k in naming]
+    return "_".join(parts) + "_" + naming["suffix"]
+
+
+def _plane(factors: tuple[int, int, int], affine: np.ndarray) -> str:
+    axis = int(np.argmax(factors))
+    world = int(np.argmax(np.abs(np.asarray(affine)[:3, axis])))
+    return ("sagittal", "coronal", "axial")[world]
+
+
+def write_case_dataset(
+    case: Case, root: Path | str, mode: str, view: str, thickness: int = 4
+) -> dict[str, Path]:
+    """Simulate every contrast of ``case`` and write it under ``root`` as BIDS.
+
+    Returns the written NIfTI path per contrast. Existing files are overwritten,
+    so a re-run always reflects the current simulation code.
+    """
+    root = Path(root)
+    anat = root / f"sub-{case.label}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    description = {
+        "Name": f"mcsr benchmark: {case.name} ({mode} simulation, {view} partner view)",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "bids_mcsr.benchmark"}],
+    }
+    (root / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
+    (root / "README").write_text(
+        f"Simulated anisotropic acquisitions of {case.name} for the mcsr benchmark.\n"
+        + "".join(f"{n}\n" for n in case.notes)
+    )
+    (root / "participants.tsv").write_text(f"participant_id\nsub-{case.label}\n")
+    paths = {}
+    for name, factors in view_factors(case, view, thickness).items():
+        lr, affine = simulate_acquisition(case.volumes[name], case.affine, factors, mode)
+        stem = bids_stem(case.label, case.bids[name])
+        img = nib.Nifti1Image(lr, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        path = anat / f"{stem}.nii.gz"
+        nib.save(img, str(path))
+        sidecar = {
+            "SliceThickness": float(thickness),
+            "Simulation": {
+                "Mode": mode,
+                "Source": f"{case.name}/{name}",
+                "Factors": list(factors),
+                "Plane": _plane(factors, affine),
+                "Scored": name in case.scored,
+            },
+        }
+        (anat / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        paths[name] = path
+    return paths

@@ -1,0 +1,622 @@
+"""Fit one neural field to a subject's anisotropic contrasts and sample it on a grid.
+
+``fit_contrasts`` is the engine's contract (docs/DESIGN.md). Outline:
+
+1. Geometry: each LR voxel centre is mapped to world mm through
+   ``transform @ affine`` (inputs are never resampled) and normalised jointly
+   with one scale for all axes over the union bounding box of the inputs and the
+   output grid (``geometry.CoordinateNormaliser``).
+2. Intensities: per contrast, the ``percentiles`` (default 1st/99th) inside the
+   input's mask map to 0 and 1 (no clipping); outputs are mapped back.
+3. Forward model: a training sample is one LR voxel of contrast ``c``; its
+   prediction is the mean of ``field(x)[c]`` over ``profile_samples`` (K) points
+   spread evenly across the voxel's slice thickness along its slice axis (box
+   slice profile, ``resample.profile_offsets``). K=1 is the voxel centre (paper).
+   All B*K points of a batch go through the field in one forward pass.
+4. Loss: sum over contrasts of ``weight_c`` x MSE over that contrast's voxels in
+   the batch (paper Eq. 1 with per-contrast means); batches mix the contrasts.
+5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
+   (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
+   contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
+   weights are kept (a state_dict copy) and always written.
+6. Inference: every output voxel inside the union of the inputs' fields of view
+   (``inference_region="fov"``) or inside the foreground (``"foreground"``) is
+   predicted in chunks of ``infer_chunk`` points (bounded memory); other voxels
+   are 0 in the input scale. Output is float32.
+
+The output-grid foreground (for MI, and for ``inference_region="foreground"``) is
+``out_mask`` when given, else the voxels whose centres lie inside every input's
+field of view and inside every input's mask (nearest-neighbour lookup); if that
+is empty, inside any input's field of view.
+
+Ablations (``architecture``): "split-head" (paper), "vanilla" (one trunk with N
+outputs), "single" (one independent vanilla INR per contrast, each trained on its
+own voxels only; MI is recorded between their per-epoch predictions but, as in
+the paper, not used for stopping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import geometry
+from ..resample import profile_offsets
+from . import mi as mi_mod
+from .encoding import build_encoding
+from .model import build_field
+from .presets import Preset, json_ready, resolve
+
+LOG = logging.getLogger("bids_mcsr.inr")
+
+ARCHITECTURES = ("split-head", "vanilla", "single")
+_COVERAGE_CHUNK = 1_000_000
+
+
+@dataclass
+class Contrast:
+    """One anisotropic input image (see docs/DESIGN.md, engine contract)."""
+
+    name: str
+    data: np.ndarray  # (X, Y, Z) input intensities, any float/int dtype
+    affine: np.ndarray  # (4, 4) voxel->world of the input image
+    transform: np.ndarray | None = None  # (4, 4) world->reference world; None = identity
+    mask: np.ndarray | None = None  # (X, Y, Z) bool foreground of this input; None = all
+    weight: float = 1.0  # loss weight (alpha, beta of the paper)
+
+
+@dataclass
+class FitResult:
+    """What a fit produced (see docs/DESIGN.md, engine contract)."""
+
+    volumes: dict[str, np.ndarray]
+    config: dict
+    epochs_run: int
+    selected_epoch: int  # 1-based
+    stop_reason: str  # "mi-plateau" | "max-epochs"
+    mi_curve: dict[str, list[float]]
+    loss_curve: dict[str, list[float]]
+    wall_time_s: float
+    samples_per_s: float
+    device: str
+    seed: int
+
+
+@dataclass
+class _TrainingSet:
+    """All LR samples of the contrasts one field learns, as tensors on the device."""
+
+    centres: torch.Tensor  # (n, 3) float32, normalised voxel centres
+    targets: torch.Tensor  # (n,) float32, normalised intensities
+    which: torch.Tensor  # (n,) int64, output index of each sample
+    foreground: torch.Tensor  # (n,) bool, inside the input's mask
+    offsets: torch.Tensor  # (n_outputs, K, 3) float32, slice-profile displacements
+
+
+@dataclass
+class _Trained:
+    mi_curve: dict[str, list[float]]
+    loss_curve: list[list[float]]  # per output, per epoch
+    history: list[np.ndarray] = field(default_factory=list)  # per epoch (n_mi, n_outputs)
+    epochs_run: int = 0
+    selected: int = 0  # 0-based
+    stop_reason: str = "max-epochs"
+    samples: int = 0
+    train_s: float = 0.0
+
+
+def fit_contrasts(
+    contrasts: Sequence[Contrast],
+    out_shape: tuple[int, int, int],
+    out_affine: np.ndarray,
+    *,
+    preset: str = "fast",
+    architecture: str = "split-head",
+    overrides: dict | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    nthreads: int | None = None,
+    out_mask: np.ndarray | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit a field to ``contrasts`` and sample every contrast on the output grid.
+
+    Parameters
+    ----------
+    contrasts
+        The inputs (>= 2 for "split-head"/"vanilla", >= 1 for "single").
+    out_shape, out_affine
+        Output grid: shape ``(nx, ny, nz)`` and its 4x4 voxel->world affine in the
+        reference world (where ``transform`` maps each input).
+    preset, overrides
+        A name in ``presets.PRESETS`` and field overrides, e.g. ``{"epochs": 10}``.
+    architecture
+        "split-head" (paper), "vanilla" or "single" (ablations).
+    device
+        "auto" (CUDA when available), "cpu" or "cuda".
+    seed
+        Seeds the network initialisation, epoch shuffling and MI subsample; two CPU
+        runs with the same seed, inputs and thread count give identical outputs.
+    nthreads
+        torch intra-op threads during the fit (restored afterwards); None = unchanged.
+    out_mask
+        ``out_shape`` bool foreground for MI; None = derived from the inputs.
+    progress
+        tqdm bar when stderr is a TTY, else one INFO log line per epoch; False
+        logs the epochs at DEBUG level.
+
+    Returns
+    -------
+    FitResult
+        ``volumes`` are float32 ``out_shape`` arrays in each input's intensity scale.
+    """
+    t_start = time.perf_counter()
+    contrasts = list(contrasts)
+    out_shape = _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask)
+    cfg = resolve(preset, overrides)
+    dev = _device(device)
+    names = [c.name for c in contrasts]
+
+    with _torch_settings(nthreads, deterministic=dev.type == "cpu"):
+        affines = [geometry.compose(c.transform, c.affine) for c in contrasts]
+        normaliser = geometry.CoordinateNormaliser.from_inputs(
+            [(c.data.shape, a) for c, a in zip(contrasts, affines, strict=True)]
+            + [(out_shape, out_affine)]
+        )
+        scales = [_intensity_scale(c, cfg.percentiles) for c in contrasts]
+        foreground, in_fov = _output_coverage(out_shape, out_affine, contrasts, affines, out_mask)
+        mi_index = _mi_subsample(foreground, cfg.mi_samples, seed)
+        mi_points = _grid_points(mi_index, out_shape, out_affine, normaliser, dev)
+        region = np.flatnonzero(in_fov if cfg.inference_region == "fov" else foreground)
+
+        sets = [
+            _training_set(
+                cs, [affines[i] for i in idx], [scales[i] for i in idx], cfg, normaliser, dev
+            )
+            for cs, idx in _groups(contrasts, architecture)
+        ]
+        fields = _build_fields(architecture, len(contrasts), len(sets), cfg, seed, dev)
+        gen = torch.Generator().manual_seed(seed)
+        groups = [idx for _, idx in _groups(contrasts, architecture)]
+        weights = [
+            torch.tensor([contrasts[i].weight for i in idx], dtype=torch.float32, device=dev)
+            for idx in groups
+        ]
+        group_names = [[names[i] for i in idx] for idx in groups]
+
+        runs = []
+        for k, (fld, ts) in enumerate(zip(fields, sets, strict=True)):
+            label = f"{architecture} {'/'.join(group_names[k])}"
+            runs.append(
+                _train(fld, ts, weights[k], group_names[k], cfg, mi_points, gen, label, progress)
+            )
+
+        if architecture == "single":
+            # Independent nets: MI between their predictions of the same epoch.
+            epochs_run = min(r.epochs_run for r in runs)
+            mi_curve: dict[str, list[float]] = {}
+            for e in range(epochs_run):
+                values = np.concatenate([r.history[e] for r in runs], axis=1)
+                for key, value in mi_mod.pairwise_mi(values, names, cfg.mi_bins).items():
+                    mi_curve.setdefault(key, []).append(value)
+            loss_curve = {n: r.loss_curve[0] for n, r in zip(names, runs, strict=True)}
+            selected, stop_reason = epochs_run - 1, "max-epochs"
+        else:
+            run = runs[0]
+            epochs_run, selected, stop_reason = run.epochs_run, run.selected, run.stop_reason
+            mi_curve = run.mi_curve
+            loss_curve = {n: curve for n, curve in zip(names, run.loss_curve, strict=True)}
+
+        pred = _predict_grid(
+            fields, region, out_shape, out_affine, normaliser, cfg.infer_chunk, dev
+        )
+        volumes = {}
+        for i, name in enumerate(names):
+            lo, hi = scales[i]
+            flat = np.zeros(int(np.prod(out_shape)), dtype=np.float32)
+            flat[region] = pred[:, i] * np.float32(hi - lo) + np.float32(lo)
+            volumes[name] = flat.reshape(out_shape)
+
+    samples = sum(r.samples for r in runs)
+    train_s = sum(r.train_s for r in runs)
+    config = {
+        "preset": preset,
+        "architecture": architecture,
+        **cfg.to_dict(),
+        "overrides": json_ready(dict(overrides or {})),
+        "seed": seed,
+        "nthreads": nthreads if nthreads is not None else torch.get_num_threads(),
+        "contrasts": [
+            {
+                "name": c.name,
+                "weight": float(c.weight),
+                "n_voxels": int(c.data.size),
+                "n_foreground": int(c.data.size if c.mask is None else np.count_nonzero(c.mask)),
+                "intensity_low": float(lo),
+                "intensity_high": float(hi),
+                "slice_axis": geometry.slice_axis(c.affine),
+            }
+            for c, (lo, hi) in zip(contrasts, scales, strict=True)
+        ],
+        "normaliser": {
+            "centre_mm": [float(v) for v in normaliser.centre],
+            "half_extent_mm": float(normaliser.half_extent),
+        },
+        "mi_points": int(len(mi_index)),
+        "foreground_voxels": int(np.count_nonzero(foreground)),
+        "foreground_source": "out_mask" if out_mask is not None else "inputs",
+        "inferred_voxels": int(len(region)),
+        "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
+    }
+    return FitResult(
+        volumes=volumes,
+        config=config,
+        epochs_run=int(epochs_run),
+        selected_epoch=int(selected) + 1,
+        stop_reason=stop_reason,
+        mi_curve=mi_curve,
+        loss_curve=loss_curve,
+        wall_time_s=time.perf_counter() - t_start,
+        samples_per_s=samples / train_s if train_s > 0 else 0.0,
+        device=_device_label(dev),
+        seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> tuple[int, int, int]:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}"
+        )
+    minimum = 1 if architecture == "single" else 2
+    if len(contrasts) < minimum:
+        raise ValueError(
+            f"architecture {architecture!r} needs at least {minimum} contrasts, got {len(contrasts)}"
+        )
+    names = [c.name for c in contrasts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"contrast names must be unique, got {names}")
+    for c in contrasts:
+        if np.ndim(c.data) != 3:
+            raise ValueError(f"contrast {c.name}: data must be 3-D, got shape {np.shape(c.data)}")
+        if not np.all(np.isfinite(c.data)):
+            raise ValueError(f"contrast {c.name}: data contains NaN or Inf values")
+        for label, m in (("affine", c.affine), ("transform", c.transform)):
+            if m is not None and (np.shape(m) != (4, 4) or not np.all(np.isfinite(m))):
+                raise ValueError(f"contrast {c.name}: {label} must be a finite 4x4 matrix")
+        if c.mask is not None and (np.shape(c.mask) != c.data.shape or not np.any(c.mask)):
+            raise ValueError(f"contrast {c.name}: mask must have the data's shape and be non-empty")
+        if not c.weight >= 0:
+            raise ValueError(f"contrast {c.name}: weight must be >= 0, got {c.weight}")
+    shape = tuple(int(n) for n in out_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"out_shape must be 3 positive integers, got {out_shape}")
+    if np.shape(out_affine) != (4, 4):
+        raise ValueError("out_affine must be a 4x4 matrix")
+    if out_mask is not None and (np.shape(out_mask) != shape or not np.any(out_mask)):
+        raise ValueError(f"out_mask must have shape {shape} and be non-empty")
+    return shape  # type: ignore[return-value]
+
+
+def _intensity_scale(c: Contrast, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """``(lo, hi)`` input intensities that map to 0 and 1 (percentiles inside the mask)."""
+    values = np.asarray(
+        c.data if c.mask is None else c.data[np.asarray(c.mask, bool)], dtype=np.float64
+    )
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:
+        raise ValueError(
+            f"contrast {c.name}: intensities are constant inside the mask; nothing to fit"
+        )
+    return float(lo), float(hi)
+
+
+def _groups(contrasts: list[Contrast], architecture: str) -> list[tuple[list[Contrast], list[int]]]:
+    """Contrasts learnt by each field: all in one, or one field each for "single"."""
+    if architecture == "single":
+        return [([c], [i]) for i, c in enumerate(contrasts)]
+    return [(contrasts, list(range(len(contrasts))))]
+
+
+def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _TrainingSet:
+    centres, targets, which, fg, offsets = [], [], [], [], []
+    for k, (c, a, (lo, hi)) in enumerate(zip(contrasts, affines, scales, strict=True)):
+        world = geometry.voxel_centres(c.data.shape, a)
+        centres.append(normaliser(world))
+        targets.append(
+            ((np.asarray(c.data, np.float64).ravel() - lo) / (hi - lo)).astype(np.float32)
+        )
+        which.append(np.full(c.data.size, k, dtype=np.int64))
+        fg.append(
+            np.ones(c.data.size, bool) if c.mask is None else np.asarray(c.mask, bool).ravel()
+        )
+        # The slice axis comes from the input's own spacing (a rigid transform keeps it).
+        disp = profile_offsets(a, geometry.slice_axis(c.affine), cfg.profile_samples)
+        offsets.append(np.asarray(normaliser.scale_mm(disp), dtype=np.float32))
+
+    def tensor(parts):
+        return torch.from_numpy(np.concatenate(parts)).to(dev)
+
+    return _TrainingSet(
+        centres=tensor(centres),
+        targets=tensor(targets),
+        which=tensor(which),
+        foreground=tensor(fg),
+        offsets=torch.from_numpy(np.stack(offsets)).to(dev),
+    )
+
+
+def _output_coverage(
+    out_shape, out_affine, contrasts, affines, out_mask
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat bool ``(prod(out_shape),)`` arrays: MI foreground, and inside any input's FOV."""
+    n = int(np.prod(out_shape))
+    inside_all = np.ones(n, bool)
+    inside_any = np.zeros(n, bool)
+    for start in range(0, n, _COVERAGE_CHUNK):
+        flat = np.arange(start, min(start + _COVERAGE_CHUNK, n))
+        world = geometry.voxel_to_world(
+            np.stack(np.unravel_index(flat, out_shape), axis=1), out_affine
+        )
+        for c, a in zip(contrasts, affines, strict=True):
+            ijk = geometry.world_to_voxel(world, a)
+            shape = np.asarray(c.data.shape)
+            inside = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=1)
+            inside_any[flat] |= inside
+            if c.mask is not None:
+                nearest = np.clip(np.rint(ijk).astype(np.int64), 0, shape - 1)
+                inside &= np.asarray(c.mask, bool)[tuple(nearest.T)]
+            inside_all[flat] &= inside
+    if out_mask is not None:
+        return np.asarray(out_mask, bool).ravel(), inside_any
+    if inside_all.any():
+        return inside_all, inside_any
+    LOG.warning(
+        "the inputs share no foreground on the output grid; MI uses the union of their FOVs"
+    )
+    return (inside_any if inside_any.any() else np.ones(n, bool)), inside_any
+
+
+def _mi_subsample(foreground: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted flat indices of at most ``n`` foreground voxels, fixed by ``seed``."""
+    idx = np.flatnonzero(foreground)
+    if len(idx) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+    return idx
+
+
+def _grid_points(flat_index, out_shape, out_affine, normaliser, dev) -> torch.Tensor:
+    ijk = np.stack(np.unravel_index(flat_index, out_shape), axis=1)
+    return torch.from_numpy(normaliser(geometry.voxel_to_world(ijk, out_affine))).to(dev)
+
+
+# --------------------------------------------------------------------------- torch setup
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device 'cuda' requested but no CUDA GPU is available; use --device cpu"
+            )
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
+def _device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _torch_settings(nthreads: int | None, deterministic: bool) -> Iterator[None]:
+    """Thread count and deterministic kernels for the fit; previous values restored."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if nthreads is not None:
+            torch.set_num_threads(max(1, int(nthreads)))
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+
+
+def _build_fields(architecture, n_contrasts, n_fields, cfg: Preset, seed, dev) -> list[nn.Module]:
+    # fork_rng: seeding initialisation must not disturb the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if architecture == "single":
+            fields = [
+                build_field(
+                    "vanilla", build_encoding(cfg.encoding, cfg.encoding_params), 1, cfg.to_dict()
+                )
+                for _ in range(n_fields)
+            ]
+        else:
+            enc = build_encoding(cfg.encoding, cfg.encoding_params)
+            fields = [build_field(architecture, enc, n_contrasts, cfg.to_dict())]
+    return [f.to(dev) for f in fields]
+
+
+def _optimizer(fld: nn.Module, cfg: Preset) -> torch.optim.Optimizer:
+    enc_ids = {id(p) for p in fld.encoding.parameters()}
+    groups = [
+        {
+            "params": [p for p in fld.parameters() if id(p) in enc_ids],
+            "weight_decay": cfg.weight_decay.get("encoding", 0.0),
+        },
+        {
+            "params": [p for p in fld.parameters() if id(p) not in enc_ids],
+            "weight_decay": cfg.weight_decay.get("network", 0.0),
+        },
+    ]
+    return torch.optim.Adam(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+    )
+
+
+def _lr_factor(cfg: Preset, steps_per_epoch: int):
+    """Per-step multiplier of the base learning rate (schedule x warm-up)."""
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "cosine":  # annealed once per epoch, as CosineAnnealingLR(T_max=epochs)
+            f = 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / cfg.epochs))
+        elif cfg.schedule == "cosine-step":
+            f = 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        else:
+            f = 1.0
+        if cfg.warmup_steps:
+            f *= min(1.0, (step + 1) / cfg.warmup_steps)
+        return f
+
+    return factor
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _epoch_order(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
+    """Sample indices of one epoch in random order (CPU generator, then moved to the device)."""
+    n = len(ts.targets)
+    if cfg.foreground_fraction is None:
+        return torch.randperm(n, generator=gen).to(ts.targets.device)
+    fg = torch.nonzero(ts.foreground.cpu()).squeeze(1)
+    bg = torch.nonzero(~ts.foreground.cpu()).squeeze(1)
+    # All foreground voxels plus enough background ones to make up (1 - f) of the epoch.
+    n_bg = min(
+        len(bg), int(round(len(fg) * (1 - cfg.foreground_fraction) / cfg.foreground_fraction))
+    )
+    chosen = torch.cat([fg, bg[torch.randperm(len(bg), generator=gen)[:n_bg]]])
+    return chosen[torch.randperm(len(chosen), generator=gen)].to(ts.targets.device)
+
+
+def _train(
+    fld, ts: _TrainingSet, weights, names, cfg: Preset, mi_points, gen, label, progress
+) -> _Trained:
+    n_out = len(names)
+    k = cfg.profile_samples
+    opt = _optimizer(fld, cfg)
+    epoch_len = len(_epoch_order(ts, cfg, torch.Generator().manual_seed(0)))
+    steps = max(1, math.ceil(epoch_len / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
+    rule = mi_mod.PlateauRule(cfg.min_epochs, cfg.patience, cfg.window, cfg.rel_tol)
+    monitor = cfg.early_stopping and n_out >= 2
+    out = _Trained(mi_curve={}, loss_curve=[[] for _ in range(n_out)])
+    snapshot: dict | None = None
+    bar = _progress_bar(cfg.epochs, label) if progress and sys.stderr.isatty() else None
+    level = logging.INFO if progress else logging.DEBUG
+
+    for epoch in range(cfg.epochs):
+        fld.train()
+        t0 = time.perf_counter()
+        order = _epoch_order(ts, cfg, gen)
+        err_sum = torch.zeros(n_out, dtype=torch.float64, device=order.device)
+        count = torch.zeros(n_out, dtype=torch.float64, device=order.device)
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            w = ts.which[idx]
+            pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
+            pred = fld(pts, w.repeat_interleave(k)).view(-1, k).mean(dim=1)
+            err = (pred - ts.targets[idx]) ** 2
+            n_c = torch.bincount(w, minlength=n_out)
+            loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            err_sum += torch.bincount(w, weights=err.detach().double(), minlength=n_out)
+            count += n_c
+        out.train_s += time.perf_counter() - t0
+        out.samples += len(order)
+        for c in range(n_out):
+            out.loss_curve[c].append(float(err_sum[c] / count[c]) if count[c] else float("nan"))
+
+        values = _predict([fld], mi_points, cfg.infer_chunk)
+        out.history.append(values)
+        if n_out >= 2:
+            for key, value in mi_mod.pairwise_mi(values, names, cfg.mi_bins).items():
+                out.mi_curve.setdefault(key, []).append(value)
+        out.epochs_run = epoch + 1
+        status = mi_mod.plateau_status(out.mi_curve, rule) if monitor else None
+        if status is not None and status.best == epoch:
+            snapshot = {key: v.detach().clone() for key, v in fld.state_dict().items()}
+        _report(bar, level, label, epoch, cfg.epochs, out, status)
+        if status is not None and status.stop:
+            out.selected, out.stop_reason = status.best, "mi-plateau"
+            fld.load_state_dict(snapshot)
+            break
+    else:
+        out.selected, out.stop_reason = cfg.epochs - 1, "max-epochs"
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _progress_bar(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"INR {label}", unit="epoch", leave=False)
+
+
+def _report(bar, level, label, epoch, total, out: _Trained, status) -> None:
+    loss = sum(curve[-1] for curve in out.loss_curve)
+    mi_text = " ".join(f"{key}={curve[-1]:.4f}" for key, curve in out.mi_curve.items())
+    if bar is not None:
+        bar.set_postfix_str(f"loss={loss:.5f} MI {mi_text}".rstrip(" MI"))
+        bar.update(1)
+        return
+    flat = "" if status is None or not status.flat else " (MI flat)"
+    LOG.log(
+        level,
+        "INR %s: epoch %d/%d loss %.5f%s%s",
+        label,
+        epoch + 1,
+        total,
+        loss,
+        f" MI {mi_text}" if mi_text else "",
+        flat,
+    )
+
+
+@torch.no_grad()
+def _predict(fields: Sequence[nn.Module], points: torch.Tensor, chunk: int) -> np.ndarray:
+    """All outputs of ``fields`` (concatenated) at ``points`` ``(n, 3)``: float32 ``(n, N)``."""
+    parts = []
+    for fld in fields:
+        fld.eval()
+        parts.append(torch.cat([fld(points[s : s + chunk]) for s in range(0, len(points), chunk)]))
+    return torch.cat(parts, dim=1).float().cpu().numpy()
+
+
+def _predict_grid(fields, region, out_shape, out_affine, normaliser, chunk, dev) -> np.ndarray:
+    """Predictions ``(len(region), N)`` at the flat output indices ``region``, chunk by chunk."""
+    pred = np.empty((len(region), sum(f.n_outputs for f in fields)), dtype=np.float32)
+    for s in range(0, len(region), chunk):
+        pts = _grid_points(region[s : s + chunk], out_shape, out_affine, normaliser, dev)
+        pred[s : s + chunk] = _predict(fields, pts, chunk)
+    return pred

@@ -1,0 +1,196 @@
+"""Presets: every hyper-parameter of a fit, as plain data.
+
+A preset is a ``Preset`` dataclass registered in ``PRESETS`` under a name. The
+training loop (``fit.py``) reads only these fields, so a new preset (a different
+encoding, net size, batch, schedule, ...) needs no change to the loop:
+``register_preset("name", Preset(...))``. ``resolve`` applies a user's
+``overrides`` (``{"epochs": 10}``; ``encoding_params`` and ``weight_decay`` merge
+key by key) and validates the result.
+
+``paper`` reproduces McGinnis, Shit et al. (MICCAI 2023); each number's source is
+in the comments and in README section "engine".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SCHEDULES = ("cosine", "cosine-step", "constant")
+INFERENCE_REGIONS = ("fov", "foreground")
+
+
+@dataclass(frozen=True)
+class Preset:
+    # --- encoding (any name in encoding.ENCODINGS) ---
+    encoding: str = "fourier"
+    encoding_params: dict = field(default_factory=dict)
+    # --- fields: trunk_layers x Linear+ReLU; heads: head_layers x Linear+ReLU, then Linear(.,1)
+    trunk_width: int = 256
+    trunk_layers: int = 3
+    head_width: int = 128
+    head_layers: int = 1
+    # --- optimisation (Adam) ---
+    batch_size: int = 1000  # LR voxels per step, all contrasts mixed
+    lr: float = 1e-3
+    epochs: int = 20  # maximum; MI early stopping may end sooner
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # weight decay per parameter group: "encoding" (e.g. grid tables) and "network" (MLPs)
+    weight_decay: dict = field(default_factory=lambda: {"encoding": 0.0, "network": 0.0})
+    schedule: str = "cosine"  # "cosine": per epoch over `epochs`; "cosine-step": per step
+    warmup_steps: int = 0  # linear learning-rate warm-up (steps)
+    # --- forward model ---
+    profile_samples: int = 1  # K points across each LR voxel's slice (box profile); 1 = centre
+    # fraction of an epoch drawn from inside the inputs' masks; None = every LR voxel once
+    foreground_fraction: float | None = None
+    # --- intensities: (low, high) percentiles inside each input's mask -> 0 and 1 ---
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    # --- MI monitoring and stopping (see mi.py) ---
+    mi_samples: int = 50_000  # fixed seeded subsample of the output-grid foreground
+    mi_bins: int = 32
+    early_stopping: bool = True
+    min_epochs: int = 10
+    patience: int = 5
+    window: int = 3
+    rel_tol: float = 0.1
+    # --- inference ---
+    inference_region: str = "fov"  # "fov": union of the inputs' FOVs; "foreground": MI mask
+    infer_chunk: int = 32_768  # output points per forward pass (bounds memory)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable copy (tuples become lists)."""
+        return json_ready(dataclasses.asdict(self))
+
+
+def json_ready(obj):
+    """Recursively turn tuples into lists so ``json.dumps`` round-trips the value."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+#: Exactly the paper: Sec. 2 "Implementation and Training" + supplementary Tab. 3.
+PAPER = Preset(
+    encoding="fourier",
+    # Tab. 3: Fourier distribution scale 4.0, scaling factor 1.0, 512 features
+    # (Sec. 2: "512-dimensional Fourier Features" = 256 frequencies x (cos, sin)).
+    encoding_params={"n_frequencies": 256, "sigma": 4.0, "factor": 1.0},
+    # Tab. 3 "Num of layers 5", "Num of neurons 1024"; Sec. 2 "hidden dimension of 1024
+    # for the shared layers": Linear(512,1024) + 4 x Linear(1024,1024), ReLU.
+    trunk_width=1024,
+    trunk_layers=5,
+    # Sec. 2 "two layers with a hidden dimension of 512 for the heads":
+    # Linear(1024,512) + ReLU + Linear(512,1).
+    head_width=512,
+    head_layers=1,
+    batch_size=1000,  # Sec. 2 / Tab. 3
+    lr=4e-4,  # Sec. 2 / Tab. 3, Adam
+    epochs=50,  # Tab. 3
+    schedule="cosine",  # Sec. 2 "Cosine annealing", annealed over the epochs
+    profile_samples=1,  # point samples at LR voxel centres (Eq. 1 sums over voxel centres)
+    foreground_fraction=None,  # every LR voxel once per epoch
+    mi_bins=32,  # 32-bin histogram MI as in the authors' evaluation code
+    min_epochs=10,
+    patience=5,
+    window=3,
+    rel_tol=0.1,
+)
+
+#: Interim CPU-friendly preset: a smaller Fourier-feature MLP with a box slice profile.
+FAST = Preset(
+    encoding="fourier",
+    encoding_params={"n_frequencies": 128, "sigma": 4.0, "factor": 1.0},
+    trunk_width=256,
+    trunk_layers=3,
+    head_width=128,
+    head_layers=1,
+    batch_size=4096,
+    lr=2e-3,
+    epochs=15,
+    schedule="cosine-step",
+    profile_samples=4,
+    foreground_fraction=None,
+    min_epochs=6,
+    patience=3,
+    window=3,
+    rel_tol=0.1,
+)
+
+PRESETS: dict[str, Preset] = {"paper": PAPER, "fast": FAST}
+
+
+def register_preset(name: str, preset: Preset, replace: bool = False) -> None:
+    """Add (or with ``replace=True`` overwrite) a named preset."""
+    if name in PRESETS and not replace:
+        raise ValueError(f"preset {name!r} already exists")
+    PRESETS[name] = preset
+
+
+def resolve(name: str, overrides: dict | None = None) -> Preset:
+    """The preset ``name`` with ``overrides`` applied, validated.
+
+    Raises ``ValueError`` naming the bad key or value.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    base = PRESETS[name]
+    overrides = dict(overrides or {})
+    known = {f.name for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown preset override(s) {unknown}; known: {', '.join(sorted(known))}")
+    if "weight_decay" in overrides:
+        overrides["weight_decay"] = {**base.weight_decay, **overrides["weight_decay"]}
+    # Encoding parameters merge into the base's only while the encoding stays the same.
+    if "encoding_params" in overrides and overrides.get("encoding", base.encoding) == base.encoding:
+        overrides["encoding_params"] = {**base.encoding_params, **overrides["encoding_params"]}
+    elif "encoding" in overrides and overrides["encoding"] != base.encoding:
+        overrides.setdefault("encoding_params", {})
+    for key in ("adam_betas", "percentiles"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    preset = dataclasses.replace(base, **overrides)
+    validate(preset)
+    return preset
+
+
+def validate(p: Preset) -> None:
+    """Raise ``ValueError`` for an inconsistent preset."""
+    checks = [
+        (p.batch_size >= 1, "batch_size must be >= 1"),
+        (p.lr > 0, "lr must be > 0"),
+        (p.epochs >= 1, "epochs must be >= 1"),
+        (p.trunk_width >= 1 and p.trunk_layers >= 1, "trunk_width and trunk_layers must be >= 1"),
+        (p.head_layers >= 0 and p.head_width >= 1, "head_layers must be >= 0, head_width >= 1"),
+        (p.profile_samples >= 1, "profile_samples must be >= 1"),
+        (
+            p.foreground_fraction is None or 0 < p.foreground_fraction <= 1,
+            "foreground_fraction must be None or in (0, 1]",
+        ),
+        (
+            0 <= p.percentiles[0] < p.percentiles[1] <= 100,
+            "percentiles must be 0 <= low < high <= 100",
+        ),
+        (p.mi_samples >= 100 and p.mi_bins >= 2, "mi_samples must be >= 100 and mi_bins >= 2"),
+        (
+            p.min_epochs >= 1 and p.patience >= 1 and p.window >= 1,
+            "min_epochs, patience, window must be >= 1",
+        ),
+        (0 < p.rel_tol < 1, "rel_tol must be in (0, 1)"),
+        (p.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+        (
+            p.inference_region in INFERENCE_REGIONS,
+            f"inference_region must be one of {INFERENCE_REGIONS}",
+        ),
+        (p.infer_chunk >= 1 and p.warmup_steps >= 0, "infer_chunk must be >= 1, warmup_steps >= 0"),
+        (
+            set(p.weight_decay) <= {"encoding", "network"},
+            "weight_decay keys are 'encoding' and 'network'",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid preset: {message}")

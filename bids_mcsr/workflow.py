@@ -1,0 +1,460 @@
+"""One participant/session, from chosen BIDS inputs to written derivatives.
+
+The work is a chain of small named steps, each a plain function::
+
+    load_inputs -> register_inputs -> input_masks -> output_grid_for -> fit
+        -> (template space) -> write_outputs (images, QC, sidecars last)
+
+:func:`run_job` strings them together for one :class:`~bids_mcsr.discovery.Job`
+and returns a :class:`JobResult`. Conventions: every transform is a 4x4
+*moving world -> reference world* matrix (``None`` = identity); the reference is
+the first chosen contrast; the effective affine of input ``i`` is
+``geometry.compose(transforms[i], images[i].affine)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import derivatives, masks, qc
+from .discovery import Candidate, Job, select_contrasts, summarise
+from .errors import ParticipantError
+from .geometry import compose, output_grid, voxel_sizes
+from .images import Image, load_image
+from .report.participant import ContrastEntry, report_path, write_participant_report
+from .resample import resample_to_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    """Everything the participant level needs from the command line."""
+
+    method: str = "inr"  # "inr" | "spline"
+    preset: str = "fast"
+    architecture: str = "split-head"
+    epochs: int | None = None
+    overrides: dict = field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+    nthreads: int | None = None
+    resolution: float | None = None  # mm; None = finest spacing among the inputs
+    contrasts: list[str] | None = None
+    registration: bool = True
+    mask: Path | None = None
+    output_space: str = "native"
+    overwrite: bool = False
+    progress: bool = True
+
+    def engine_overrides(self) -> dict:
+        """Preset overrides for the engine: ``--override`` pairs plus ``--epochs``."""
+        out = dict(self.overrides)
+        if self.epochs is not None:
+            out["epochs"] = int(self.epochs)
+        return out
+
+
+@dataclass
+class JobResult:
+    """What happened to one job: ``status`` is done | complete | skipped | failed."""
+
+    job: Job
+    status: str
+    outputs: list[Path] = field(default_factory=list)
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Fit:
+    """Output of the fit step, common to the INR engine and the spline baseline."""
+
+    volumes: dict[str, np.ndarray]  # contrast label -> float32 (out_shape)
+    sr_fields: dict  # derivatives.super_resolution_fields(...)
+
+
+# -- steps ---------------------------------------------------------------------------
+
+
+def load_inputs(chosen: list[Candidate]) -> list[Image]:
+    """Read and validate every chosen input (raises ImageError naming the file)."""
+    return [load_image(c.path) for c in chosen]
+
+
+def auto_masks(images: list[Image]) -> list[np.ndarray]:
+    """Automatic foreground mask of each input on its own grid (``masks.foreground_mask``)."""
+    return [masks.foreground_mask(img.data, img.affine) for img in images]
+
+
+def register_inputs(
+    images: list[Image], fg: list[np.ndarray], opts: Options
+) -> tuple[list[np.ndarray | None], dict]:
+    """Rigid transforms (moving world -> reference world) of each input, reference first.
+
+    With ``--no-registration`` every transform is the identity (the scanner
+    coordinates are trusted, ``None``); otherwise each input is registered to
+    the first one by mutual information inside the foregrounds ``fg``. Returns
+    the transforms and the sidecar's ``Registration`` object.
+    """
+    from .registration import register_rigid, transform_summary
+
+    transforms: list[np.ndarray | None] = [None] * len(images)
+    record: dict = {"Method": "none" if not opts.registration else "rigid-mattes-mi"}
+    if not opts.registration:
+        return transforms, record
+    ref = images[0]
+    record["Reference"] = ref.path.name
+    record["Inputs"] = {}
+    for i, img in enumerate(images[1:], start=1):
+        report: dict = {}
+        try:
+            transforms[i] = register_rigid(
+                ref.data,
+                ref.affine,
+                img.data,
+                img.affine,
+                fixed_mask=fg[0],
+                moving_mask=fg[i],
+                seed=opts.seed,
+                threads=opts.nthreads or 2,
+                report=report,
+            )
+        except RuntimeError as exc:  # ITK: too few voxels, no overlap, ...
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ParticipantError(
+                f"{img.path}: rigid registration to {ref.path.name} failed ({first}); fix: "
+                "check that both scans show the same head, or pass --no-registration"
+            ) from None
+        summary = transform_summary(transforms[i])
+        log.info(
+            "registered %s -> %s: %.2f deg, %.2f mm",
+            img.path.name,
+            ref.path.name,
+            summary["RotationDeg"],
+            summary["DisplacementMm"],
+        )
+        record["Inputs"][img.path.name] = {
+            **summary,
+            "MetricFinal": report.get("metric"),
+            "MetricInitial": report.get("metric_initial"),
+        }
+    return transforms, record
+
+
+def effective_affines(images: list[Image], transforms: list[np.ndarray | None]) -> list[np.ndarray]:
+    """Voxel -> reference-world affine of each input."""
+    return [compose(t, img.affine) for img, t in zip(images, transforms, strict=True)]
+
+
+def input_masks(
+    images: list[Image], affines: list[np.ndarray], fg: list[np.ndarray], mask_file: Path | None
+) -> list[np.ndarray]:
+    """Foreground mask of each input on its own grid, for fitting, MI and QC.
+
+    ``mask_file`` (``--mask``) is a mask on the reference (first) input's grid;
+    it is carried to the other inputs through world space (``affines`` include
+    the registration). Without it the automatic masks ``fg`` are used.
+    """
+    if mask_file is None:
+        return fg
+    ref = images[0]
+    try:
+        user = masks.load_mask(mask_file, ref.shape, ref.affine, ref.path.name)
+    except ValueError as exc:
+        raise ParticipantError(str(exc)) from None
+    return [user] + [
+        masks.resample_mask(user, affines[0], img.shape, aff)
+        for img, aff in zip(images[1:], affines[1:], strict=True)
+    ]
+
+
+def output_grid_for(
+    images: list[Image], affines: list[np.ndarray], resolution: float | None
+) -> tuple[tuple[int, int, int], np.ndarray, float]:
+    """Common isotropic output grid ``(shape, affine, resolution_mm)``.
+
+    Default resolution: the finest voxel spacing among the inputs (their
+    in-plane resolution). Covers the union of the inputs' FOVs, axes of the
+    first input.
+    """
+    if resolution is None:
+        resolution = float(min(voxel_sizes(img.affine).min() for img in images))
+    shape, affine = output_grid(
+        [(img.shape, a) for img, a in zip(images, affines, strict=True)], resolution
+    )
+    return shape, affine, float(resolution)
+
+
+def fit_inr(
+    chosen: list[Candidate],
+    images: list[Image],
+    transforms: list[np.ndarray | None],
+    in_masks: list[np.ndarray],
+    out_shape: tuple[int, int, int],
+    out_affine: np.ndarray,
+    out_mask: np.ndarray,
+    resolution: float,
+    opts: Options,
+) -> Fit:
+    """Fit the split-head INR (``inr.fit.fit_contrasts``) and sample it on the output grid."""
+    from .inr.fit import Contrast, fit_contrasts
+
+    contrasts = [
+        Contrast(name=c.label, data=img.data, affine=img.affine, transform=t, mask=m)
+        for c, img, t, m in zip(chosen, images, transforms, in_masks, strict=True)
+    ]
+    try:
+        res = fit_contrasts(
+            contrasts,
+            out_shape,
+            out_affine,
+            preset=opts.preset,
+            architecture=opts.architecture,
+            overrides=opts.engine_overrides(),
+            device=opts.device,
+            seed=opts.seed,
+            nthreads=opts.nthreads,
+            out_mask=out_mask,
+            progress=opts.progress,
+        )
+    except (ValueError, KeyError) as exc:
+        # Invalid preset overrides or an unusable device are the user's to fix.
+        raise ParticipantError(f"engine rejected the settings: {exc}") from None
+    fields = derivatives.super_resolution_fields(
+        method="inr",
+        preset=opts.preset,
+        architecture=opts.architecture,
+        config=res.config,
+        seed=res.seed,
+        device=res.device,
+        epochs_run=res.epochs_run,
+        selected_epoch=res.selected_epoch,
+        stop_reason=res.stop_reason,
+        mi_curve=res.mi_curve,
+        loss_curve=res.loss_curve,
+        wall_time_s=res.wall_time_s,
+        samples_per_s=res.samples_per_s,
+        resolution=resolution,
+    )
+    return Fit(volumes=dict(res.volumes), sr_fields=fields)
+
+
+def fit_spline(
+    chosen: list[Candidate],
+    images: list[Image],
+    affines: list[np.ndarray],
+    out_shape: tuple[int, int, int],
+    out_affine: np.ndarray,
+    resolution: float,
+    opts: Options,
+) -> Fit:
+    """Cubic-spline baseline: each input resampled on its own onto the output grid.
+
+    Values are clipped to the input's intensity range (cubic splines overshoot
+    at edges), so outputs stay in the input scale.
+    """
+    start = time.perf_counter()
+    volumes = {}
+    for c, img, aff in zip(chosen, images, affines, strict=True):
+        vol = resample_to_grid(img.data, aff, out_shape, out_affine, order=3)
+        volumes[c.label] = np.clip(vol, float(img.data.min()), float(img.data.max()))
+    fields = derivatives.super_resolution_fields(
+        method="spline",
+        preset=None,
+        architecture=None,
+        config={"interpolation": "cubic B-spline", "order": 3, "outside_fov": 0.0},
+        seed=opts.seed,
+        device="cpu",
+        epochs_run=0,
+        selected_epoch=0,
+        stop_reason="not-iterative",
+        mi_curve={},
+        loss_curve={},
+        wall_time_s=time.perf_counter() - start,
+        samples_per_s=None,
+        resolution=resolution,
+    )
+    return Fit(volumes=volumes, sr_fields=fields)
+
+
+def write_outputs(
+    job: Job,
+    chosen: list[Candidate],
+    images: list[Image],
+    transforms: list[np.ndarray | None],
+    in_masks: list[np.ndarray],
+    fit: Fit,
+    out_shape: tuple[int, int, int],
+    out_affine: np.ndarray,
+    out_mask: np.ndarray,
+    resolution: float,
+    skull_stripped: bool,
+    bids_dir: Path,
+    out_dir: Path,
+    provenance: dict | None = None,
+) -> list[Path]:
+    """Write every image, then QC it, then write the sidecars (last, so a sidecar's
+    presence means its image is complete), then the participant report
+    (``provenance``: extra rows for its provenance table). Returns the written
+    images and sidecars."""
+    written = []
+    pending = []
+    for c, img, t, m in zip(chosen, images, transforms, in_masks, strict=True):
+        nii, js = derivatives.output_paths(out_dir, job.subject, job.session, c)
+        vol = fit.volumes[c.label]
+        derivatives.atomic_write_nifti(nii, vol, out_affine)
+        qc_obj, cons = qc.assess(vol, out_affine, img.data, img.affine, t, m, out_mask)
+        pending.append((c, js, qc_obj, cons, nii))
+        written.append(nii)
+    entries = []
+    for (c, js, qc_obj, cons, nii), img, t, m in zip(
+        pending, images, transforms, in_masks, strict=True
+    ):
+        meta = derivatives.sidecar(
+            c,
+            chosen,
+            bids_dir,
+            resolution,
+            out_shape,
+            fit.sr_fields,
+            skull_stripped,
+            extra={"QC": qc_obj},
+        )
+        written.append(derivatives.atomic_write_json(js, meta))
+        entries.append(
+            ContrastEntry(
+                c.label,
+                img.data,
+                img.affine,
+                fit.volumes[c.label],
+                out_affine,
+                meta,
+                transform=t,
+                input_mask=m,
+                consistency=cons,
+                input_name=c.path.name,
+                output_name=nii.name,
+            )
+        )
+    write_report(job, entries, provenance or {}, out_dir)
+    return written
+
+
+def write_report(job: Job, entries: list[ContrastEntry], provenance: dict, out_dir: Path) -> None:
+    """Participant report ``out_dir/sub-<L>[_ses-<S>].html`` (README "Reading the QC reports").
+
+    Written after the images and sidecars, so a drawing problem costs the report
+    only, never the outputs; it is logged as a warning.
+    """
+    path = report_path(out_dir, job.subject, job.session)
+    try:
+        write_participant_report(path, entries, provenance)
+    except Exception as exc:  # outputs are complete; the report is their commentary
+        log.debug("%s: report traceback", job.name, exc_info=True)
+        log.warning(
+            "%s: participant report not written (%s: %s)", job.name, type(exc).__name__, exc
+        )
+    else:
+        log.info("%s: report %s", job.name, path)
+
+
+# -- the chain -----------------------------------------------------------------------
+
+
+def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult:
+    """Process one participant/session; never raises for per-participant problems.
+
+    Returns status ``complete`` without work when every output already exists
+    (unless ``opts.overwrite``), ``skipped`` when there are fewer than two
+    contrasts, ``failed`` (with the one-line reason) on any error.
+    """
+    from .errors import McsrError, NotEnoughContrasts
+
+    start = time.perf_counter()
+    try:
+        chosen = select_contrasts(job, opts.contrasts)
+    except NotEnoughContrasts as exc:
+        return JobResult(job, "skipped", message=str(exc))
+    except McsrError as exc:
+        return JobResult(job, "failed", message=str(exc))
+
+    expected = derivatives.expected_outputs(out_dir, job.subject, job.session, chosen)
+    if not opts.overwrite and derivatives.is_complete(expected):
+        return JobResult(job, "complete", outputs=expected, message="outputs exist")
+
+    log.info("%s: fusing %s", job.name, summarise(chosen))
+    try:
+        outputs = _process(job, chosen, bids_dir, out_dir, opts)
+    except McsrError as exc:
+        return JobResult(job, "failed", message=str(exc), seconds=time.perf_counter() - start)
+    except MemoryError:
+        return JobResult(
+            job,
+            "failed",
+            message=f"{job.name}: out of memory; fix: use a "
+            "coarser --resolution or a machine with more RAM",
+            seconds=time.perf_counter() - start,
+        )
+    except Exception as exc:  # one participant's crash must not stop the others
+        log.debug("%s: traceback", job.name, exc_info=True)
+        return JobResult(
+            job,
+            "failed",
+            message=f"{job.name}: unexpected {type(exc).__name__}: {exc} (rerun with --verbose "
+            "for the traceback and report it)",
+            seconds=time.perf_counter() - start,
+        )
+    return JobResult(job, "done", outputs=outputs, seconds=time.perf_counter() - start)
+
+
+def _process(
+    job: Job, chosen: list[Candidate], bids_dir: Path, out_dir: Path, opts: Options
+) -> list[Path]:
+    images = load_inputs(chosen)
+    fg = auto_masks(images)
+    transforms, registration = register_inputs(images, fg, opts)
+    affines = effective_affines(images, transforms)
+    in_masks = input_masks(images, affines, fg, opts.mask)
+    skull_stripped = all(
+        masks.is_skull_stripped(img.data, m, img.affine)
+        for img, m in zip(images, in_masks, strict=True)
+    )
+    out_shape, out_affine, resolution = output_grid_for(images, affines, opts.resolution)
+    out_mask = masks.output_mask(list(zip(in_masks, affines, strict=True)), out_shape, out_affine)
+    log.info(
+        "%s: output grid %s at %g mm (%.1f M voxels)",
+        job.name,
+        "x".join(map(str, out_shape)),
+        resolution,
+        np.prod(out_shape) / 1e6,
+    )
+    if opts.method == "spline":
+        fit = fit_spline(chosen, images, affines, out_shape, out_affine, resolution, opts)
+    else:
+        fit = fit_inr(
+            chosen, images, transforms, in_masks, out_shape, out_affine, out_mask, resolution, opts
+        )
+    fit.sr_fields["Registration"] = registration
+    return write_outputs(
+        job,
+        chosen,
+        images,
+        transforms,
+        in_masks,
+        fit,
+        out_shape,
+        out_affine,
+        out_mask,
+        resolution,
+        skull_stripped,
+        bids_dir,
+        out_dir,
+        provenance={"options": asdict(opts), "command": " ".join(sys.argv)},
+    )
