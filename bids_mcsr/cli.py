@@ -77,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcsr",
         description="Multi-contrast MRI super-resolution with a subject-specific implicit "
         "neural representation (BIDS App).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset (read only)")
     p.add_argument(
@@ -131,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-space",
         choices=OUTPUT_SPACES,
         default="native",
-        help="native: grid of the first contrast's scanner axes; or a template space",
+        help="native (default): grid on the first contrast's scanner axes; or a template space",
     )
     g.add_argument(
         "--overwrite",
@@ -145,19 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["inr", "spline"],
         default="inr",
         help="inr: split-head implicit neural representation; spline: cubic-spline "
-        "baseline on the same grid",
+        "baseline on the same grid (default: %(default)s)",
     )
     g.add_argument(
         "--preset",
         choices=["fast", "paper"],
         default="fast",
-        help="engine hyper-parameter preset (README 'engine')",
+        help="engine hyper-parameter preset, README 'engine' (default: %(default)s)",
     )
     g.add_argument(
         "--architecture",
         choices=["split-head", "vanilla", "single"],
         default="split-head",
-        help="network layout (paper's ablations)",
+        help="network layout, the paper's ablations (default: %(default)s)",
     )
     g.add_argument(
         "--epochs",
@@ -191,9 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
-        help="auto = cuda when available",
+        help="auto (default) = cuda when available",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed of the fit")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the fit and registration (default: %(default)s)",
+    )
     g.add_argument(
         "--nthreads", type=_positive_int, metavar="N", help="CPU threads (default: all available)"
     )

@@ -193,6 +193,7 @@ def replay_dockerfile(
             before_run(state)
             env = {**run_env, **state.args, **state.host_env()}
             env.pop("PIP_NO_CACHE_DIR", None)
+            env["PIP_NO_COMPILE"] = "1"
             done = subprocess.run(
                 ["/bin/sh", "-c", step.text],
                 cwd=state.host("."),

@@ -24,6 +24,7 @@ from .runner import METHODS, REPO
 from .simulate import MODES
 
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_OUT = REPO / "benchmarks" / "out"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hr-mask", metavar="FILE", help="brain mask for --hr (default: nonzero)")
     p.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "out", help="work and results folder"
+        "--out",
+        type=Path,
+        default=None,
+        help="work and results folder (default: benchmarks/out, or benchmarks/out/quick)",
     )
     p.add_argument("--repeats", type=int, default=1, help="runs per method; wall s is the median")
     p.add_argument(
@@ -114,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(a, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if a.out is None:
+        a.out = DEFAULT_OUT / "quick" if a.quick else DEFAULT_OUT
     if a.quick:
         s = quick_settings(a.data_dir, a.out, a.device)
     else:

@@ -247,8 +247,9 @@ def run_benchmark(s: Settings) -> dict:
                         results["rows"].append(
                             {**base, "contrast": c, **record, **scores.get(c, {})}
                         )
-        _add_spline_gains(results["rows"])
-        save(results, s.out)
+                    # Saved after every method, so an interrupted run keeps its results.
+                    _add_spline_gains(results["rows"])
+                    save(results, s.out)
     return results
 
 
@@ -303,7 +304,7 @@ def quick_settings(data_dir: Path, out: Path, device: str = "auto") -> Settings:
 def quick_failures(rows: Sequence[dict]) -> list[str]:
     """Why the quick check fails (empty when split-head beats spline on every contrast)."""
     problems = [f"{r['method']} on {r['contrast']}: {r['error']}" for r in rows if "error" in r]
-    by = {(r["contrast"], r["method"]): r for r in rows if "psnr" in r}
+    by = {(r["contrast"], r["method"]): r for r in rows if r.get("psnr") is not None}
     for contrast in sorted({r["contrast"] for r in rows}):
         inr, spline = by.get((contrast, "split-head")), by.get((contrast, "spline"))
         if inr is None or spline is None:

@@ -54,6 +54,7 @@ def write_case_dataset(
         "Name": f"mcsr benchmark: {case.name} ({mode} simulation, {view} partner view)",
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
+        "Authors": ["mcsr benchmark (simulated from the source named in README)"],
         "GeneratedBy": [{"Name": "bids_mcsr.benchmark"}],
     }
     (root / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")

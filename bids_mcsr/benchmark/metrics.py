@@ -92,20 +92,26 @@ def mi_errors(
 
 
 def white_matter_mask(
-    t1: np.ndarray, mask: np.ndarray, lesions: np.ndarray, margin_vox: int = 2
+    t1: np.ndarray, mask: np.ndarray, lesions: np.ndarray, margin_vox: float = 2.0
 ) -> np.ndarray:
     """Approximate normal-appearing white matter from a T1-weighted volume (bool).
 
     The brightest of three Otsu classes of T1w intensity inside ``mask`` (WM is
-    brightest on T1w), inside the mask eroded by ``margin_vox`` voxels (no
-    partial volume with CSF/background) and farther than ``margin_vox`` voxels
-    from any lesion (no perilesional tissue).
+    brightest on T1w), farther than ``margin_vox`` voxels (Euclidean) from the
+    mask's edge (no partial volume with CSF/background; the array border counts
+    as edge) and from any lesion (no perilesional tissue).
     """
     mask = np.asarray(mask, dtype=bool)
     upper = threshold_multiotsu(np.asarray(t1)[mask], classes=3)[-1]
-    inner = ndimage.binary_erosion(mask, iterations=margin_vox)
-    near = ndimage.binary_dilation(np.asarray(lesions, dtype=bool), iterations=margin_vox)
-    return inner & (np.asarray(t1) > upper) & ~near
+    inner = _distance_outside(~mask) > margin_vox
+    far = _distance_outside(np.asarray(lesions, dtype=bool)) > margin_vox
+    return inner & far & (np.asarray(t1) > upper)
+
+
+def _distance_outside(region: np.ndarray) -> np.ndarray:
+    """Euclidean distance (voxels) of every voxel to ``region``; outside the array is in it."""
+    padded = np.pad(~region, 1, constant_values=False)
+    return ndimage.distance_transform_edt(padded)[1:-1, 1:-1, 1:-1]
 
 
 def lesion_contrast(img: np.ndarray, lesions: np.ndarray, wm: np.ndarray) -> float:

@@ -1,0 +1,351 @@
+"""Benchmark: simulation, cases, BIDS writing, metrics, child-process measurement, tables.
+
+The quick benchmark itself (fits through the CLI) runs only when ../shared/data exists.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_mcsr.benchmark import metrics
+from bids_mcsr.benchmark.bench import _add_spline_gains, output_path, quick_failures, render
+from bids_mcsr.benchmark.cases import Case, crop_or_pad, user_case, view_factors
+from bids_mcsr.benchmark.dataset import write_case_dataset
+from bids_mcsr.benchmark.runner import app_command, run_child
+from bids_mcsr.benchmark.simulate import lr_affine, simulate_acquisition
+from bids_mcsr.benchmark.table import MAIN_COLUMNS, markdown_table
+from bids_mcsr.geometry import voxel_to_world
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def _affine(origin=(-10.0, 4.0, 2.0)) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, 3] = origin
+    return a
+
+
+def _toy_case(shape=(16, 12, 8), flip_x=False) -> Case:
+    rng = np.random.default_rng(0)
+    affine = _affine()
+    if flip_x:
+        affine[0, 0] = -1.0
+    t1 = rng.uniform(1, 2, shape).astype(np.float32)
+    t2 = rng.uniform(1, 2, shape).astype(np.float32)
+    return Case(
+        "toy",
+        {"T1c": t1, "FLAIR": t2},
+        affine,
+        ("T1c",),
+        np.ones(shape, bool),
+        {"T1c": {"suffix": "T1w", "ce": "gadolinium"}, "FLAIR": {"suffix": "FLAIR"}},
+    )
+
+
+# --- simulation -----------------------------------------------------------------------
+
+
+def test_profile_mode_is_block_average_of_ramp():
+    # A ramp along z: each 4-voxel block averages to the value at its centre.
+    hr = np.broadcast_to(np.arange(17, dtype=float) * 2.0, (3, 5, 17))
+    lr, _ = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile")
+    assert lr.shape == (3, 5, 4)  # the trailing 17th slice is dropped
+    np.testing.assert_allclose(lr[0, 0], [3.0, 11.0, 19.0, 27.0])
+    np.testing.assert_allclose(lr, np.broadcast_to(lr[:1, :1], lr.shape))
+
+
+def test_lr_affine_puts_coarse_centres_at_block_centres():
+    hr_aff = np.array([[0, -1.0, 0, 5], [1.0, 0, 0, -3], [0, 0, 2.0, 7], [0, 0, 0, 1]])
+    aff = lr_affine(hr_aff, (1, 4, 2))
+    for ijk in [(0, 0, 0), (2, 3, 5)]:
+        hr_centre = np.array(ijk) * [1, 4, 2] + [0, 1.5, 0.5]
+        np.testing.assert_allclose(
+            voxel_to_world(np.array([ijk]), aff), voxel_to_world(hr_centre[None], hr_aff)
+        )
+
+
+def test_paper_mode_samples_a_cubic_exactly_away_from_edges():
+    x = np.arange(40, dtype=float)
+
+    def poly(v):
+        return 0.5 + 0.02 * v - 0.001 * v**2 + 0.0002 * v**3
+
+    hr = poly(x)[:, None, None] + 0.01 * np.arange(12)[None, :, None] + np.zeros((1, 1, 6))
+    lr, _ = simulate_acquisition(hr, np.eye(4), (4, 1, 1), "paper")
+    expect = poly(np.arange(10) * 4 + 1.5)[:, None, None] + 0.01 * np.arange(12)[None, :, None]
+    # Cubic B-splines reproduce cubics; only the boundary handling deviates.
+    np.testing.assert_allclose(lr[2:-2], np.broadcast_to(expect, lr.shape)[2:-2], atol=1e-5)
+    assert np.abs(lr[-1] - expect[-1]).max() > 1e-3  # the check can fail
+
+
+def test_simulate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        simulate_acquisition(np.zeros((4, 4, 4)), np.eye(4), (1, 1, 2), "gauss")
+    with pytest.raises(ValueError, match="too small"):
+        simulate_acquisition(np.zeros((4, 4, 2)), np.eye(4), (1, 1, 4))
+
+
+# --- cases and BIDS writing -----------------------------------------------------------
+
+
+def test_view_factors_follow_world_axes_for_permuted_affine():
+    case = _toy_case()
+    # Voxel axis 0 runs along world z, axis 2 along world x.
+    case.affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1]])
+    sag = view_factors(case, "sagittal")
+    assert sag == {"T1c": (4, 1, 1), "FLAIR": (1, 1, 4)}
+    assert view_factors(case, "coronal")["FLAIR"] == (1, 4, 1)
+
+
+def test_crop_or_pad_keeps_world_positions():
+    rng = np.random.default_rng(1)
+    vol = rng.normal(size=(10, 8, 6))
+    aff = _affine()
+    out, out_aff = crop_or_pad(vol, aff, (6, 12, 4), centre=(5, 4, 3))
+    assert out.shape == (6, 12, 4)
+    # Output voxel (0, 2, 0) is old voxel (2, 0, 1); y is padded by 2 on each side.
+    np.testing.assert_allclose(
+        voxel_to_world(np.array([[0, 2, 0]]), out_aff), voxel_to_world(np.array([[2, 0, 1]]), aff)
+    )
+    assert out[0, 2, 0] == vol[2, 0, 1]
+    assert np.all(out[:, :2] == 0) and np.all(out[:, -2:] == 0)
+
+
+def test_write_case_dataset_layout_and_sidecars(tmp_path):
+    case = _toy_case(flip_x=True)
+    paths = write_case_dataset(case, tmp_path, "profile", "coronal")
+    t1 = tmp_path / "sub-toy" / "anat" / "sub-toy_ce-gadolinium_T1w.nii.gz"
+    assert paths["T1c"] == t1
+    img = nib.load(str(t1))
+    assert img.shape == (16, 12, 2)
+    np.testing.assert_allclose(img.affine, lr_affine(case.affine, (1, 1, 4)), atol=1e-5)
+    flair = nib.load(str(paths["FLAIR"]))
+    assert flair.shape == (16, 3, 8)
+    side = json.loads(t1.with_name("sub-toy_ce-gadolinium_T1w.json").read_text())
+    assert side["SliceThickness"] == 4.0
+    assert side["Simulation"] == {
+        "Mode": "profile",
+        "Source": "toy/T1c",
+        "Factors": [1, 1, 4],
+        "Plane": "axial",
+        "Scored": True,
+    }
+    desc = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw" and desc["BIDSVersion"]
+    assert (tmp_path / "participants.tsv").read_text().splitlines() == ["participant_id", "sub-toy"]
+
+
+def test_written_dataset_is_validator_clean(tmp_path):
+    validator = Path(sys.executable).with_name("bids-validator-deno")
+    if not validator.is_file():
+        pytest.skip("bids-validator-deno is not installed in this environment")
+    write_case_dataset(_toy_case(), tmp_path, "paper", "sagittal")
+    proc = subprocess.run(
+        [str(validator), "--json", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    assert [i["code"] for i in issues if i["severity"] == "error"] == []
+
+
+def test_output_path_matches_app_naming(tmp_path):
+    case = _toy_case()
+    assert output_path(tmp_path, case, "T1c") == (
+        tmp_path / "sub-toy" / "anat" / "sub-toy_ce-gadolinium_desc-superres_T1w.nii.gz"
+    )
+
+
+def test_user_case_labels_grid_check_and_trim(tmp_path):
+    aff = _affine()
+    for name, shape in [("a_T1w.nii.gz", (9, 8, 10)), ("b_T2w.nii.gz", (9, 8, 10))]:
+        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), aff), str(tmp_path / name))
+    nib.save(nib.Nifti1Image(np.ones((9, 8, 11), np.float32), aff), str(tmp_path / "c.nii.gz"))
+    case = user_case([str(tmp_path / "a_T1w.nii.gz"), f"PD={tmp_path / 'b_T2w.nii.gz'}"])
+    assert case.contrasts == ["T1w", "PD"] and case.scored == ("T1w", "PD")
+    assert case.shape == (8, 8, 8)  # trimmed to multiples of the 4 mm thickness
+    with pytest.raises(ValueError, match=r"c\.nii\.gz.*differs"):
+        user_case([str(tmp_path / "a_T1w.nii.gz"), str(tmp_path / "c.nii.gz")])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        user_case([str(tmp_path / "a_T1w.nii.gz"), str(tmp_path / "nope.nii.gz")])
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_psnr_known_noise():
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0.1, 0.9, (10, 10, 10))
+    truth[0, 0, 0], truth[9, 9, 9] = 0.0, 1.0
+    signs = rng.choice([-1.0, 1.0], truth.shape)
+    signs[0, 0, 0] = signs[9, 9, 9] = 0.0  # keep min and max, so normalisation is identity
+    pred = truth + 0.01 * signs
+    mse = 0.01**2 * (truth.size - 2) / truth.size
+    mask = np.ones(truth.shape, bool)
+    assert metrics.psnr(pred, truth, mask) == pytest.approx(10 * np.log10(1 / mse), abs=1e-9)
+    # An affine intensity change is removed by the min-max normalisation.
+    assert metrics.psnr(3 * pred + 7, truth, mask) == pytest.approx(metrics.psnr(pred, truth, mask))
+    region = np.zeros(truth.shape, bool)
+    region[5, 5, 5] = True
+    assert metrics.psnr(pred, truth, mask, region) == pytest.approx(40.0)
+
+
+def test_mi_errors_known_answers():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(12, 12, 12))
+    b = a**2 + 0.1 * rng.normal(size=a.shape)
+    truths, mask = {"T1w": a, "T2w": b}, np.ones(a.shape, bool)
+    assert metrics.mi_errors(truths, truths, mask, ("T1w", "T2w")) == {
+        "eps_T1w": 0.0,
+        "eps_T2w": 0.0,
+        "eps_hat": 0.0,
+    }
+    # A constant prediction shares no information: the error is the truth MI.
+    flat = {"T1w": np.zeros_like(a), "T2w": b}
+    err = metrics.mi_errors(flat, truths, mask, ("T1w",))
+    from bids_mcsr.inr.mi import mutual_information
+
+    assert err["eps_T1w"] == pytest.approx(mutual_information(a, b))
+    assert err["eps_hat"] == pytest.approx(mutual_information(a, b))
+    assert set(err) == {"eps_T1w", "eps_hat"}
+
+
+def test_white_matter_and_lesion_contrast():
+    # Three tissues along x (CSF 1, GM 2, WM 3 on T1w); a FLAIR lesion inside WM.
+    t1 = np.ones((30, 10, 10))
+    t1[10:20], t1[20:] = 2.0, 3.0
+    mask = np.ones(t1.shape, bool)
+    lesions = np.zeros(t1.shape, bool)
+    lesions[24:26, 4:6, 4:6] = True
+    wm = metrics.white_matter_mask(t1, mask, lesions, margin_vox=2)
+    assert wm.any() and np.all(t1[wm] == 3.0)
+    # Euclidean distance to the lesion (24..25, 4..5, 4..5) must exceed 2 voxels.
+    assert not wm[22, 4, 4] and wm[21, 4, 4] and wm[22, 2, 2]
+    assert wm[27, 2, 2] and not wm[28:].any()  # within 2 voxels of the array border
+    flair = np.full(t1.shape, 100.0)
+    flair[lesions] = 150.0
+    assert metrics.lesion_contrast(flair, lesions, wm) == pytest.approx(0.5)
+
+
+# --- child processes, tables, checks --------------------------------------------------
+
+
+def test_run_child_measures_its_own_peak_rss_and_exit(tmp_path):
+    code = "import numpy as np, sys; a = np.ones(40_000_000); sys.exit(3)"  # 320 MB
+    run = run_child([sys.executable, "-c", code], tmp_path / "a.log")
+    assert run.returncode == 3 and run.max_rss_mb > 300
+    small = run_child([sys.executable, "-c", "print('hi')"], tmp_path / "b.log")
+    assert small.returncode == 0 and small.max_rss_mb < 200  # not the earlier child's peak
+    assert small.log.read_text().strip() == "hi"
+    slow = run_child([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "c.log", 0.5)
+    assert slow.returncode == -9 and slow.wall_s < 10
+
+
+def test_app_command_method_flags(tmp_path):
+    cmd = app_command(tmp_path, tmp_path / "o", "x", "paper", work_dir=tmp_path / "w", epochs=2)
+    assert cmd[2:5] == [str(tmp_path), str(tmp_path / "o"), "participant"]
+    assert "--preset" in cmd and cmd[cmd.index("--epochs") + 1] == "2"
+    spline = app_command(tmp_path, tmp_path, "x", "spline", work_dir=tmp_path, epochs=2)
+    assert "--epochs" not in spline and spline[spline.index("--method") + 1] == "spline"
+    single = app_command(tmp_path, tmp_path, "x", "single", work_dir=tmp_path)
+    assert single[single.index("--architecture") + 1] == "single"
+    with pytest.raises(ValueError, match="unknown method"):
+        app_command(tmp_path, tmp_path, "x", "smore", work_dir=tmp_path)
+
+
+def _rows() -> list[dict]:
+    base = {"case": "c", "mode": "paper", "view": "sagittal", "contrast": "T1w"}
+    return [
+        {**base, "method": "spline", "psnr": 30.0, "ssim": 0.9, "device": "cpu"},
+        {**base, "method": "split-head", "psnr": 33.5, "ssim": 0.95, "epochs": 12},
+        {**base, "contrast": "T2w", "method": "spline", "psnr": 28.0},
+        {**base, "contrast": "T2w", "method": "split-head", "psnr": 27.0},
+    ]
+
+
+def test_spline_gain_and_quick_check():
+    rows = _rows()
+    _add_spline_gains(rows)
+    assert rows[1]["gain_db"] == pytest.approx(3.5) and rows[3]["gain_db"] == pytest.approx(-1.0)
+    problems = quick_failures(rows)
+    assert len(problems) == 1 and problems[0].startswith("T2w: split-head PSNR 27.00")
+    assert quick_failures(rows[:2]) == []
+    failed = [*rows[:1], {**rows[1], "psnr": None, "error": "exit 1; see x.log"}]
+    assert any("exit 1" in p for p in quick_failures([r for r in failed if r]))
+
+
+def test_markdown_table_formatting():
+    rows = _rows()[:2]
+    rows[0]["peak_rss_mb"] = 512.4
+    rows[1]["eps_mi"] = float("nan")
+    text = markdown_table(rows, MAIN_COLUMNS)
+    lines = text.splitlines()
+    assert lines[0].startswith("| case | mode | partner view | contrast | method | PSNR dB |")
+    assert lines[1].count("|") == len(MAIN_COLUMNS) + 1 and "---:" in lines[1]
+    assert lines[2].startswith("| c | paper | sagittal | T1w | spline | 30.00 | 0.9000 | - |")
+    assert "| 512 |" in lines[2] and "| 12 |" in lines[3] and "| - |" in lines[3]
+    results = {
+        "machine": {
+            "date_utc": "d",
+            "commit": "abc",
+            "dirty": False,
+            "cpu": "cpu",
+            "cores": 2,
+            "gpu": None,
+            "python": "3",
+            "torch": "2",
+        },
+        "settings": {
+            "modes": ["paper"],
+            "views": ["sagittal"],
+            "thickness": 4,
+            "repeats": 1,
+            "epochs": None,
+            "paper_epochs": 1,
+            "registration": False,
+        },
+        "rows": rows,
+        "notes": ["n1"],
+    }
+    md = render(results)
+    assert "commit `abc`" in md and "GPU: none" in md and md.rstrip().endswith("- n1")
+
+
+# --- the quick benchmark end to end ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_quick_benchmark_split_head_beats_spline(tmp_path):
+    if not (SHARED / "icbm2009c" / "T1w.nii.gz").is_file():
+        pytest.skip(f"needs the shared data at {SHARED}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bids_mcsr.benchmark", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["contrast"], r["method"]) for r in rows} == {
+        (c, m) for c in ("T1w", "T2w") for m in ("spline", "split-head")
+    }
+    assert all(r["gain_db"] > 0 for r in rows if r["method"] == "split-head")
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    from bids_mcsr.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--repeats", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
+    missing = tmp_path / "nodata"
+    assert main(["--cases", "icbm2009c", "--data-dir", str(missing), "--out", str(tmp_path)]) == 2
+    assert f"{missing}: no such data folder" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""End-to-end fits of the INR engine on a small two-contrast phantom.
+
+The phantom: a smooth random tissue map inside a ball on a 32^3 1 mm grid; two
+"contrasts" are different functions of it. Contrast A is acquired with 4 mm
+slices along voxel axis 2, B with 4 mm slices along axis 0 (box slice profile),
+so each LR image has the in-plane detail the other one lacks.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from bids_mcsr.inr.fit import Contrast, fit_contrasts
+from bids_mcsr.inr.mi import pairwise_mi
+from bids_mcsr.resample import acquire, resample_to_grid
+
+N = 32
+TINY = {
+    "encoding_params": {"n_frequencies": 64, "sigma": 1.0},
+    "trunk_width": 64,
+    "trunk_layers": 2,
+    "head_width": 32,
+    "batch_size": 512,
+    "epochs": 2,
+    "mi_samples": 4000,
+    "profile_samples": 4,
+}
+
+
+def lr_affine(axis, factor=4):
+    aff = np.eye(4)
+    aff[axis, axis] = factor
+    aff[axis, 3] = (factor - 1) / 2  # LR voxel k covers HR voxels 4k .. 4k+3
+    return aff
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    rng = np.random.default_rng(0)
+    t = ndimage.gaussian_filter(rng.standard_normal((N, N, N)), 3.0)
+    t = np.tanh(1.5 * t / t.std())
+    g = np.indices((N, N, N)) - (N - 1) / 2
+    ball = (g**2).sum(0) <= (0.42 * N) ** 2
+    hr = {
+        "A": np.where(ball, 1.0 + 0.5 * t, 0.0).astype(np.float32),
+        "B": np.where(ball, 120 - 60 * t + 30 * t**2, 0.0).astype(np.float32),
+        "C": np.where(ball, 50 + 20 * t**2, 0.0).astype(np.float32),
+    }
+    lr = {}
+    for name, axis in (("A", 2), ("B", 0), ("C", 1)):
+        shape = [N, N, N]
+        shape[axis] //= 4
+        aff = lr_affine(axis)
+        lr[name] = (acquire(hr[name], np.eye(4), shape, aff, profile="box"), aff)
+    return hr, lr, ball
+
+
+def contrasts(phantom, names=("A", "B"), masks=False):
+    _, lr, _ = phantom
+    return [Contrast(n, lr[n][0], lr[n][1], mask=(lr[n][0] > 0) if masks else None) for n in names]
+
+
+def fit(phantom, names=("A", "B"), shape=(N, N, N), affine=None, **kwargs):
+    overrides = {**TINY, **kwargs.pop("overrides", {})}
+    kwargs.setdefault("nthreads", 1)
+    kwargs.setdefault("progress", False)
+    return fit_contrasts(
+        contrasts(phantom, names, kwargs.pop("masks", False)),
+        shape,
+        np.eye(4) if affine is None else affine,
+        preset="fast",
+        overrides=overrides,
+        **kwargs,
+    )
+
+
+def psnr(x, ref, mask):
+    span = ref[mask].max() - ref[mask].min()
+    return 10 * np.log10(span**2 / np.mean((x[mask] - ref[mask]) ** 2))
+
+
+@pytest.mark.slow
+def test_split_head_beats_cubic_spline_and_loss_decreases(phantom):
+    hr, lr, ball = phantom
+    r = fit(
+        phantom,
+        overrides={"epochs": 25, "trunk_width": 128, "head_width": 64, "early_stopping": False},
+    )
+    for name in ("A", "B"):
+        spline = resample_to_grid(*lr[name], (N, N, N), np.eye(4), order=3)
+        gain = psnr(r.volumes[name], hr[name], ball) - psnr(spline, hr[name], ball)
+        assert gain > 1.0, f"{name}: INR only {gain:.2f} dB better than cubic spline"
+        loss = r.loss_curve[name]
+        assert len(loss) == 25 and loss[-1] < 0.2 * loss[0]
+        assert all(b < a * 1.2 for a, b in zip(loss, loss[1:], strict=False))
+    assert r.stop_reason == "max-epochs" and r.selected_epoch == 25
+    assert r.samples_per_s > 0 and r.wall_time_s > 0
+
+
+def test_outputs_follow_the_output_grid(phantom):
+    full = fit(phantom, overrides={"early_stopping": False})
+    assert set(full.volumes) == {"A", "B"}
+    for v in full.volumes.values():
+        assert v.shape == (N, N, N) and v.dtype == np.float32 and np.all(np.isfinite(v))
+    # Intensities come back in each input's scale.
+    assert 0.4 < full.volumes["A"][full.volumes["A"] > 0.2].mean() < 2
+    assert 40 < full.volumes["B"][full.volumes["B"] > 20].mean() < 200
+    # A cropped grid and an x-flipped grid inside the same FOV sample the same field.
+    crop_aff = np.eye(4)
+    crop_aff[:3, 3] = (5, 6, 7)
+    crop = fit(phantom, shape=(10, 12, 14), affine=crop_aff, overrides={"early_stopping": False})
+    flip_aff = np.diag([-1.0, 1, 1, 1])
+    flip_aff[0, 3] = N - 1
+    flip = fit(phantom, affine=flip_aff, overrides={"early_stopping": False})
+    for name in ("A", "B"):
+        tol = 1e-4 * np.ptp(full.volumes[name])
+        np.testing.assert_allclose(
+            crop.volumes[name], full.volumes[name][5:15, 6:18, 7:21], atol=tol
+        )
+        np.testing.assert_allclose(flip.volumes[name], full.volumes[name][::-1], atol=tol)
+    cfg = json.loads(json.dumps(full.config))
+    assert cfg["architecture"] == "split-head" and cfg["epochs"] == 2
+    assert [c["slice_axis"] for c in cfg["contrasts"]] == [2, 0]
+    assert full.device == "cpu" and full.seed == 0 and full.epochs_run == 2
+
+
+def test_seeded_cpu_runs_are_identical(phantom):
+    a, b = fit(phantom, seed=3), fit(phantom, seed=3)
+    for name in ("A", "B"):
+        assert np.array_equal(a.volumes[name], b.volumes[name])
+    assert a.mi_curve == b.mi_curve and a.loss_curve == b.loss_curve
+    c = fit(phantom, seed=4)
+    assert not np.array_equal(a.volumes["A"], c.volumes["A"])
+
+
+def test_plateau_stop_writes_the_selected_epoch(phantom):
+    # A permissive rule (window 1, 90 % tolerance) reaches a plateau within a few epochs.
+    rule = {"epochs": 12, "min_epochs": 3, "patience": 2, "window": 1, "rel_tol": 0.9}
+    r = fit(phantom, masks=True, overrides={**rule, "mi_samples": 100_000})
+    assert r.stop_reason == "mi-plateau" and 3 <= r.epochs_run < 12
+    assert 1 <= r.selected_epoch <= r.epochs_run
+    assert len(r.mi_curve["A|B"]) == r.epochs_run
+    # mi_samples exceeds the foreground, so the MI curve used every foreground voxel:
+    # the written volumes must reproduce the selected epoch's MI exactly.
+    _, lr, _ = phantom
+    fg = np.ones((N, N, N), bool)
+    for name in ("A", "B"):
+        data, aff = lr[name]
+        ijk = np.rint((np.indices((N, N, N)).reshape(3, -1).T - aff[:3, 3]) / np.diag(aff)[:3])
+        fg &= (data > 0)[tuple(ijk.astype(int).T)].reshape(N, N, N)
+    assert r.config["foreground_voxels"] == fg.sum()
+    values = np.stack([r.volumes["A"][fg], r.volumes["B"][fg]], axis=1)
+    mi = pairwise_mi(values, ["A", "B"])["A|B"]
+    assert mi == pytest.approx(r.mi_curve["A|B"][r.selected_epoch - 1], abs=2e-3)
+
+
+def test_ablations_and_three_contrasts(phantom):
+    for arch in ("vanilla", "single"):
+        r = fit(phantom, architecture=arch)
+        assert r.config["architecture"] == arch and r.stop_reason == "max-epochs"
+        assert len(r.mi_curve["A|B"]) == 2 and len(r.loss_curve["B"]) == 2
+        assert all(np.all(np.isfinite(v)) for v in r.volumes.values())
+    three = fit(phantom, names=("A", "B", "C"))
+    assert sorted(three.mi_curve) == ["A|B", "A|C", "B|C"]
+    assert all(len(c) == three.epochs_run for c in three.mi_curve.values())
+    assert set(three.volumes) == {"A", "B", "C"}
+
+
+def test_foreground_sampling_and_foreground_inference(phantom):
+    r = fit(
+        phantom,
+        masks=True,
+        overrides={"foreground_fraction": 0.9, "inference_region": "foreground"},
+    )
+    inferred = r.volumes["A"] != 0
+    assert 0 < inferred.sum() == r.config["inferred_voxels"] == r.config["foreground_voxels"]
+    assert r.samples_per_s > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"names": ("A",)}, "at least 2 contrasts"),
+        ({"architecture": "deep"}, "unknown architecture"),
+        ({"overrides": {"epoch": 1}}, "unknown preset override"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"out_mask": np.zeros((N, N, N), bool)}, "out_mask"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_error(phantom, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit(phantom, **kwargs)
+
+
+def test_bad_contrasts_raise():
+    data = np.zeros((4, 4, 4))
+    good = Contrast("A", data + np.arange(4), np.eye(4))
+    with pytest.raises(ValueError, match="unique"):
+        fit_contrasts([good, good], (4, 4, 4), np.eye(4))
+    with pytest.raises(ValueError, match="mask"):
+        fit_contrasts(
+            [good, Contrast("B", data + 1, np.eye(4), mask=np.ones((2, 2, 2), bool))],
+            (4, 4, 4),
+            np.eye(4),
+        )
+    with pytest.raises(ValueError, match="constant"):
+        fit_contrasts(
+            [good, Contrast("B", data + 1, np.eye(4))],
+            (4, 4, 4),
+            np.eye(4),
+            overrides={"epochs": 1},
+        )
+    with pytest.raises(ValueError, match="NaN"):
+        fit_contrasts([good, Contrast("B", data * np.nan, np.eye(4))], (4, 4, 4), np.eye(4))
