@@ -263,14 +263,13 @@ def check_paths(args: argparse.Namespace) -> None:
             )
     if args.mask is not None and not args.mask.is_file():
         raise UsageError(f"--mask {args.mask}: no such file")
-    if args.output_space != "native":
-        import importlib.util
+    from .workflow import SUPPORTED_SPACES
 
-        if importlib.util.find_spec("bids_mcsr.templates") is None:
-            raise UsageError(
-                f"--output-space {args.output_space}: template support is not "
-                "installed in this version; fix: use --output-space native"
-            )
+    if args.output_space not in SUPPORTED_SPACES:
+        raise UsageError(
+            f"--output-space {args.output_space}: not available in this version (supported: "
+            f"{', '.join(SUPPORTED_SPACES)}); fix: use --output-space native"
+        )
     if args.device == "cuda":
         import torch
 

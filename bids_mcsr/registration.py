@@ -54,9 +54,13 @@ SAMPLES = 40_000
 BINS = 32
 #: Iteration cap per level.
 ITERATIONS = 200
-import os
-RELAXATION = float(os.environ.get("RX", 0.5))
-MIN_STEP = float(os.environ.get("MS", 0.005))
+#: Step shrink factor when the gradient direction reverses (0.8: slower, steadier).
+RELAXATION = 0.8
+#: Smallest optimizer step, as a fraction of the level's spacing (mm).
+MIN_STEP = 0.005
+#: Masks are dilated by this much (mm) so that the object's outline, the
+#: strongest edge shared by all contrasts, is sampled by the metric.
+MASK_MARGIN_MM = 8.0
 
 
 def to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -166,6 +170,15 @@ def _downsample(
     )
 
 
+def _level_mask(mask: sitk.Image, level_mm: float, margin_mm: float) -> sitk.Image:
+    """A mask on the pyramid level's grid, dilated by ``margin_mm`` (per-axis radius in voxels)."""
+    out = _downsample(mask, level_mm, sitk.sitkNearestNeighbor)
+    radius = [int(np.floor(margin_mm / s + 0.5)) for s in out.GetSpacing()]
+    if max(radius) > 0:
+        out = sitk.BinaryDilate(out, radius, sitk.sitkBall, 0.0, 1.0)
+    return out
+
+
 def _mask_image(mask: np.ndarray | None, affine: np.ndarray, shape: Sequence[int]) -> sitk.Image | None:
     if mask is None:
         return None
@@ -253,9 +266,8 @@ def register_rigid(
         tx.SetMatrix([float(v) for v in start_lps[:3, :3].ravel()])
         tx.SetTranslation([float(v) for v in start_lps[:3, 3] + start_lps[:3, :3] @ c - c])
 
-    match = os.environ.get("MATCH","1")=="1"
-    f_extra = _match_variance(fixed, moving) if match else None
-    m_extra = _match_variance(moving, fixed) if match else None
+    f_extra = _match_variance(fixed, moving)
+    m_extra = _match_variance(moving, fixed)
     iterations_run = []
     metric_initial = None
     method = None
@@ -267,11 +279,11 @@ def register_rigid(
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
         n_fixed = int(np.prod(f.GetSize()))
         if fmask is not None:
-            fm = _downsample(fmask, level_mm, sitk.sitkNearestNeighbor)
+            fm = _level_mask(fmask, level_mm, MASK_MARGIN_MM)
             n_fixed = max(int(sitk.GetArrayViewFromImage(fm).sum()), 1)
             method.SetMetricFixedMask(fm)
         if mmask is not None:
-            method.SetMetricMovingMask(_downsample(mmask, level_mm, sitk.sitkNearestNeighbor))
+            method.SetMetricMovingMask(_level_mask(mmask, level_mm, MASK_MARGIN_MM))
         method.SetMetricSamplingStrategy(method.RANDOM)
         # SimpleITK reads seed 0 as "seed from the wall clock": shift by one.
         method.SetMetricSamplingPercentage(min(1.0, samples / n_fixed), int(seed) % 2**31 + 1)

@@ -32,6 +32,10 @@ from .resample import resample_to_grid
 
 log = logging.getLogger(__name__)
 
+#: Output spaces the participant level can write (``--output-space``). A template
+#: space is added here together with the step that maps the outputs into it.
+SUPPORTED_SPACES = ("native",)
+
 
 @dataclass
 class Options:

@@ -35,8 +35,9 @@ def hr_affine() -> np.ndarray:
 def phantom(contrast: str = "t1", seed: int = 0) -> np.ndarray:
     """(24, 28, 24) float32 phantom; ``contrast`` t1 | t2."""
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in HR_SHAPE], indexing="ij"), -1)
-    r = np.sqrt((((ijk - (np.asarray(HR_SHAPE) - 1) / 2) / (np.asarray(HR_SHAPE) * 0.4)) ** 2)
-                .sum(-1))
+    r = np.sqrt(
+        (((ijk - (np.asarray(HR_SHAPE) - 1) / 2) / (np.asarray(HR_SHAPE) * 0.4)) ** 2).sum(-1)
+    )
     vals = {"t1": (300.0, 800.0, 500.0), "t2": (900.0, 350.0, 600.0)}[contrast]
     img = np.where(r < 1.0, vals[2], 0.0)
     img = np.where(r < 0.75, vals[0], img)
@@ -82,9 +83,7 @@ def make_dataset(root: Path, files: dict[str, tuple[str, str] | bytes], name: st
     )
     (root / "README").write_text("Synthetic phantom dataset for mcsr tests.\n")
     subjects = sorted({p.split("/")[0] for p in files})
-    (root / "participants.tsv").write_text(
-        "participant_id\n" + "".join(f"{s}\n" for s in subjects)
-    )
+    (root / "participants.tsv").write_text("participant_id\n" + "".join(f"{s}\n" for s in subjects))
     for rel, spec in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

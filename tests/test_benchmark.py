@@ -349,3 +349,32 @@ def test_cli_usage_errors(tmp_path, capsys):
     missing = tmp_path / "nodata"
     assert main(["--cases", "icbm2009c", "--data-dir", str(missing), "--out", str(tmp_path)]) == 2
     assert f"{missing}: no such data folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
+    from bids_mcsr.benchmark.__main__ import main
+
+    # Two smooth synthetic "contrasts" of a blob on a 32^3 1 mm grid.
+    g = np.mgrid[:32, :32, :32].astype(float)
+    r2 = ((g - 15.5) ** 2 / np.array([100.0, 140.0, 80.0])[:, None, None, None]).sum(axis=0)
+    inside = r2 < 1
+    t1 = np.where(inside, 100 + 40 * np.sin(g[0] / 3) * np.cos(g[2] / 4), 0).astype(np.float32)
+    t2 = np.where(inside, 200 - t1, 0).astype(np.float32)
+    for name, vol in (("T1w", t1), ("T2w", t2)):
+        nib.save(nib.Nifti1Image(vol, _affine()), str(tmp_path / f"sub-x_{name}.nii.gz"))
+    out = tmp_path / "out"
+    hr = [str(tmp_path / "sub-x_T1w.nii.gz"), str(tmp_path / "sub-x_T2w.nii.gz")]
+    code = main(
+        ["--cases", "--hr", *hr, "--methods", "spline", "--modes", "profile", "--out", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["case"], r["contrast"], r["method"]) for r in rows] == [
+        ("user", "T1w", "spline"),
+        ("user", "T2w", "spline"),
+    ]
+    for r in rows:
+        assert not r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
+        assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["eps_hat"] >= 0
+    assert "| user | profile | sagittal | T1w | spline |" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bidsdata import make_dataset, pair
 
@@ -64,8 +65,21 @@ def test_bad_usage_exits_64(argv, capsys):
 
 def test_options_parse():
     args = build_parser().parse_args(
-        ["b", "o", "participant", "--participant_label", "sub-01", "02", "--override",
-         "batch_size=2048", "--override", "encoding=hash", "--epochs", "3", "--no-registration"]
+        [
+            "b",
+            "o",
+            "participant",
+            "--participant_label",
+            "sub-01",
+            "02",
+            "--override",
+            "batch_size=2048",
+            "--override",
+            "encoding=hash",
+            "--epochs",
+            "3",
+            "--no-registration",
+        ]
     )
     assert args.participant_label == ["sub-01", "02"]
     assert dict(args.override) == {"batch_size": 2048, "encoding": "hash"}
@@ -100,7 +114,10 @@ def test_validator_errors_exit_65(tmp_path, capsys):
 
 
 def test_unknown_participant_exits_65(bids, tmp_path, capsys):
-    assert main([str(bids), str(tmp_path / "o"), "participant", "--participant_label", "9", *FAST]) == 65
+    assert (
+        main([str(bids), str(tmp_path / "o"), "participant", "--participant_label", "9", *FAST])
+        == 65
+    )
     assert "participant(s) 9 not in" in _err(capsys)
 
 
@@ -161,3 +178,30 @@ def test_cuda_without_gpu_exits_64(bids, tmp_path, capsys):
         pytest.skip("a CUDA GPU is visible")
     assert main([str(bids), str(tmp_path / "o"), "participant", "--device", "cuda", *FAST]) == 64
     assert "--device cuda" in _err(capsys)
+
+
+def test_unsupported_output_space_exits_64(bids, tmp_path, capsys):
+    from bids_mcsr.workflow import SUPPORTED_SPACES
+
+    if "MNI152NLin2009cAsym" in SUPPORTED_SPACES:
+        pytest.skip("template space is supported in this build")
+    argv = [str(bids), str(tmp_path / "o"), "participant", "--output-space", "MNI152NLin2009cAsym"]
+    assert main([*argv, *FAST]) == 64
+    assert "--output-space MNI152NLin2009cAsym: not available" in _err(capsys)
+
+
+def test_user_mask(bids, tmp_path, capsys):
+    import nibabel as nib
+
+    ref = nib.load(str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
+    good = tmp_path / "mask.nii.gz"
+    nib.Nifti1Image((ref.get_fdata() > 100).astype("uint8"), ref.affine).to_filename(str(good))
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "--participant_label", "01", *FAST]
+    assert main([*argv, "--mask", str(good)]) == 0
+    # a mask on another grid fails that participant with a one-line fix
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.Nifti1Image(np.ones((5, 5, 5), "uint8"), np.eye(4)).to_filename(str(wrong))
+    assert main([*argv, "--mask", str(wrong), "--overwrite"]) == 1
+    assert "resample the mask" in _err(capsys)
+    assert main([*argv, "--mask", str(tmp_path / "none.nii.gz")]) == 64

@@ -121,13 +121,21 @@ def stage_context(dest: Path) -> None:
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    for src in sorted(REPO.rglob("*")):
-        rel = src.relative_to(REPO).as_posix()
-        if rel.startswith((".git/", ".venv/")) or not src.is_file():
-            continue
-        if not dockerignore_excludes(rel, patterns):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+    reincluded = [p.lstrip("!").strip("/") for p in patterns if p.startswith("!")]
+    for folder, dirs, files in os.walk(REPO):
+        base = Path(folder).relative_to(REPO).as_posix().removeprefix(".")
+        # Skip folders that are excluded with nothing re-included below them (.venv, .git...).
+        dirs[:] = [
+            d
+            for d in dirs
+            if not dockerignore_excludes(f"{base}/{d}".lstrip("/"), patterns)
+            or any(r.startswith(f"{base}/{d}".lstrip("/") + "/") for r in reincluded)
+        ]
+        for name in files:
+            rel = f"{base}/{name}".lstrip("/")
+            if not dockerignore_excludes(rel, patterns):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, dest / rel)
 
 
 @dataclass
@@ -471,7 +479,8 @@ def test_dockerfile_recipe_in_a_fresh_venv():
 
         image = replay_dockerfile(context, root, {"VERSION": VERSION}, run_env, seed_once)
         entry = [str(venv / "bin" / image.entrypoint[0]), *image.entrypoint[1:]]
-        env = {**run_env, **image.host_env()}
+        # The image's /tmp is the tmpfs of `docker run --read-only --tmpfs /tmp`.
+        env = {**run_env, **image.host_env(), "TMPDIR": str(root / "tmp")}
         cwd = image.host(".")
 
         def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -488,5 +497,22 @@ def test_dockerfile_recipe_in_a_fresh_venv():
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == f"mcsr {VERSION}"
         assert not list(venv.rglob("*.egg-link")), "the package must not be an editable install"
+
+        # The demo's dataset, shrunk to 6 mm voxels, then both levels with a 1-epoch fit.
+        demo, out = cwd / "demo", cwd / "out"
+        build = f"from bids_mcsr.demo import build_dataset; build_dataset({str(demo)!r}, 6.0)"
+        done = run(str(venv / "bin" / "python"), "-c", build)
+        assert done.returncode == 0, done.stderr
+        tiny = ["--epochs", "1", "--device", "cpu", "--nthreads", "1", "--quiet"]
+        done = run(*entry, str(demo / "bids"), str(out), "participant", *tiny, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = run(*entry, str(demo / "bids"), str(out), "group", "--quiet")
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs = sorted(p.name for p in out.rglob("*_desc-superres_*.nii.gz"))
+        assert outputs == ["sub-01_desc-superres_T1w.nii.gz", "sub-01_desc-superres_T2w.nii.gz"]
+        assert (out / "group_qc.tsv").stat().st_size > 0
+        generated = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"]
+        assert generated[0]["Container"]["Tag"] == image.env["MCSR_CONTAINER"]
+        assert image.env["MCSR_CONTAINER"] == f"docker://bids/mcsr:{VERSION}"
     finally:
         shutil.rmtree(top, ignore_errors=True)

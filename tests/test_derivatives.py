@@ -47,7 +47,9 @@ def test_output_stem(subject, session, entities, suffix, expected):
 def test_output_paths(tmp_path):
     cand = _cand(tmp_path, "sub-01/ses-1/anat/sub-01_ses-1_acq-ax_run-1_T2w.nii.gz")
     nii, js = derivatives.output_paths(tmp_path / "out", "01", "1", cand)
-    assert nii == tmp_path / "out/sub-01/ses-1/anat/sub-01_ses-1_acq-ax_run-1_desc-superres_T2w.nii.gz"
+    assert (
+        nii == tmp_path / "out/sub-01/ses-1/anat/sub-01_ses-1_acq-ax_run-1_desc-superres_T2w.nii.gz"
+    )
     assert js == nii.with_name(nii.name.replace(".nii.gz", ".json"))
 
 

@@ -211,4 +211,11 @@ def test_classification_ignores_the_name_and_voxel_order(tmp_path):
 def test_parse_entities():
     ents, suffix = parse_entities("sub-01_ses-pre_acq-fast_ce-gad_rec-norm_run-02_T1w.nii.gz")
     assert suffix == "T1w"
-    assert ents == {"sub": "01", "ses": "pre", "acq": "fast", "ce": "gad", "rec": "norm", "run": "02"}
+    assert ents == {
+        "sub": "01",
+        "ses": "pre",
+        "acq": "fast",
+        "ce": "gad",
+        "rec": "norm",
+        "run": "02",
+    }

@@ -98,10 +98,10 @@ def sidecar(label: str, curves: bool = True) -> dict:
         "WallTimeS": 12.5,
         "SamplesPerS": 1.0e5,
         "Config": {"epochs": epochs, "lr": 0.001},
-        "Inputs": [{"Source": "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"}],
         "SoftwareVersion": "mcsr test",
     }
-    return {"SuperResolution": sr}
+    sources = [f"bids:raw:sub-01/anat/sub-01_{c}.nii.gz" for c in ("T1w", "T2w")]
+    return {"Sources": sources, "SuperResolution": sr}
 
 
 def make_entries(with_qc: bool = True, curves: bool = True) -> list[ContrastEntry]:
@@ -161,6 +161,7 @@ def test_participant_report_is_complete_and_self_contained(tmp_path):
     assert_self_contained(text, parser)
     assert {"summary", "fit", "c-T1w", "c-T2w", "provenance"} <= parser.ids
     assert "mi-plateau" in text and "options.preset" in text
+    assert "bids:raw:sub-01/anat/sub-01_T1w.nii.gz, bids:raw:sub-01/anat/sub-01_T2w.nii.gz" in text
     for label in ("T1w", "T2w"):
         assert f"sub-01_desc-superres_{label}.nii.gz" in text
 

@@ -166,7 +166,7 @@ def run(args):
         slab = args.slab
         nslab = -(-ny // slab)
         total = args.sweeps * nslab
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.9 + 0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.9 + 0.1)
         step = 0
         for sweep in range(args.sweeps):
             order = torch.randperm(nslab).tolist()

@@ -16,19 +16,18 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fast_harness import FACTORS, SIZES, load_case, norm_params, profile_matrix
+from latent_field import apply_op
 
 from bids_mcsr.benchmark.metrics import psnr, ssim
 from bids_mcsr.benchmark.simulate import simulate_acquisition
 from bids_mcsr.resample import resample_to_grid
 
-from fast_harness import FACTORS, SIZES, load_case, norm_params, profile_matrix
-from latent_field import apply_op
 
-
-def grad_sq(u: torch.Tensor) -> torch.Tensor:
-    """|grad u|^2 per voxel (forward differences, zero at the far edge), u (C, X, Y, Z)."""
+def grad_sq(u: torch.Tensor, axes=(0, 1, 2)) -> torch.Tensor:
+    """|grad u|^2 per voxel (forward differences along ``axes``, zero at the far edge), u (C, X, Y, Z)."""
     g = torch.zeros_like(u[0])
-    for d in (1, 2, 3):
+    for d in (a + 1 for a in axes):
         diff = u.diff(dim=d)
         pad = [0, 0] * (3 - d) + [0, 1]
         g = g + F.pad(diff, pad).pow(2).sum(0)
@@ -62,16 +61,16 @@ def run(args):
         opt = torch.optim.Adam([u], lr=args.lr, betas=(0.9, 0.99))
         total = args.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
+            opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
         for step in range(total):
             loss = sum(F.mse_loss(apply_op(w, u[c], ax), y[c]) for c, (ax, w) in enumerate(ops))
             data = loss.item()
             if args.lam > 0:
-                g = grad_sq(u) if args.joint else None
+                g = grad_sq(u, args.axes) if args.joint else None
                 if args.joint:
                     reg = torch.sqrt(g + args.eps**2).mean()
                 else:
-                    reg = sum(torch.sqrt(grad_sq(u[c:c + 1]) + args.eps**2).mean() for c in range(len(names)))
+                    reg = sum(torch.sqrt(grad_sq(u[c:c + 1], args.axes) + args.eps**2).mean() for c in range(len(names)))
                 loss = loss + args.lam * reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,6 +104,7 @@ def main():
     ap.add_argument("--lam", type=float, default=1e-3)
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--joint", type=int, default=1)
+    ap.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true")
     run(ap.parse_args())

@@ -17,12 +17,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fast_harness import FACTORS, SIZES, load_case, norm_params, profile_matrix
 
 from bids_mcsr.benchmark.metrics import psnr, ssim
 from bids_mcsr.benchmark.simulate import simulate_acquisition
 from bids_mcsr.resample import resample_to_grid
-
-from fast_harness import FACTORS, SIZES, load_case, norm_params, profile_matrix
 
 
 def apply_op(w: torch.Tensor, p: torch.Tensor, ax: int) -> torch.Tensor:
@@ -80,7 +79,7 @@ def run(args):
             tab = torch.where(cnt > 0, s / cnt.clamp(min=1), knots)
             tables.append(torch.nn.Parameter(tab.float()))
 
-        def field():
+        def field(z=z, coarse=coarse):
             zz = z
             for s, g in zip(args.scales, coarse, strict=True):
                 up = F.interpolate(g, scale_factor=s, mode="trilinear", align_corners=False)
@@ -90,7 +89,7 @@ def run(args):
         opt = torch.optim.Adam([{"params": [z, *coarse], "lr": args.lr_z},
                                 {"params": list(tables), "lr": args.lr_head}], betas=(0.9, 0.99))
         total = args.steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
         for step in range(total):
             zz = field()
             loss = 0.0

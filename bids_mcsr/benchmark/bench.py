@@ -119,10 +119,29 @@ def output_path(out_dir: Path, case: Case, contrast: str) -> Path:
     return out_dir / f"sub-{case.label}" / "anat" / f"{stem}.nii.gz"
 
 
+def _fit_fields(sidecar: dict, method: str) -> dict:
+    """Per-contrast fit facts from a sidecar's ``SuperResolution`` object."""
+    sr = sidecar.get("SuperResolution", {})
+    if method == "spline":
+        # The spline baseline is numpy/scipy: CPU, no epochs, whatever its sidecar says.
+        return {"device": "cpu"}
+    return {
+        "samples_per_s": sr.get("SamplesPerS"),
+        "epochs": sr.get("EpochsRun"),
+        "selected_epoch": sr.get("SelectedEpoch"),
+        "stop_reason": sr.get("StopReason"),
+        "device": sr.get("Device"),
+    }
+
+
 def _run_method(
     s: Settings, case: Case, key: str, bids_dir: Path, method: str
-) -> tuple[dict, dict[str, np.ndarray] | None]:
-    """Run one method ``s.repeats`` times; returns (timing record, predictions)."""
+) -> tuple[dict, dict[str, dict], dict[str, np.ndarray] | None]:
+    """Run one method ``s.repeats`` times.
+
+    Returns the record common to all contrasts (timings, or ``error``), the
+    per-contrast fit facts from the sidecars, and the predictions (None on failure).
+    """
     out_dir = s.out / "derivatives" / key / method
     epochs = s.paper_epochs if method == "paper" else s.epochs if method in INR_METHODS else None
     cmd = app_command(
@@ -138,38 +157,35 @@ def _run_method(
     )
     if not s.registration:
         cmd.append("--no-registration")
-    walls, fits, rss, sidecar = [], [], [], {}
+    outputs = {c: output_path(out_dir, case, c) for c in case.contrasts}
+    walls, fits, rss = [], [], []
     for r in range(s.repeats):
         run = run_child(cmd, s.out / "logs" / f"{key}_{method}_{r}.log", s.timeout_s)
         _log(f"{key} {method} run {r + 1}/{s.repeats}: exit {run.returncode}, {run.wall_s:.1f} s")
-        if run.returncode != 0:
+        missing = [p for p in outputs.values() if not p.is_file()]
+        if run.returncode != 0 or missing:
+            why = f"exit {run.returncode}" + (f", no {missing[0].name}" if missing else "")
             tail = run.log.read_text(errors="replace").strip().splitlines()[-3:]
-            record = {"error": f"exit {run.returncode}; see {run.log}", "log_tail": tail}
-            return record, None
+            return {"error": f"{why}; see {run.log}", "log_tail": tail}, {}, None
         walls.append(run.wall_s)
         rss.append(run.max_rss_mb)
-        sidecar = _sidecar(output_path(out_dir, case, case.contrasts[0])).get("SuperResolution", {})
-        if sidecar.get("WallTimeS") is not None:
-            fits.append(float(sidecar["WallTimeS"]))
-    preds, regridded = {}, False
-    for c in case.contrasts:
-        preds[c], moved = _prediction(output_path(out_dir, case, c), case)
+        wall = _sidecar(outputs[case.contrasts[0]]).get("SuperResolution", {}).get("WallTimeS")
+        if wall is not None:
+            fits.append(float(wall))
+    preds, facts, regridded = {}, {}, False
+    for c, path in outputs.items():
+        preds[c], moved = _prediction(path, case)
+        facts[c] = _fit_fields(_sidecar(path), method)
         regridded |= moved
     record = {
         "wall_s": statistics.median(walls),
         "wall_s_runs": walls,
         "fit_s": statistics.median(fits) if fits else None,
         "peak_rss_mb": max(rss),
-        "samples_per_s": sidecar.get("SamplesPerS"),
-        "epochs": sidecar.get("EpochsRun") if method != "spline" else None,
-        "selected_epoch": sidecar.get("SelectedEpoch") if method != "spline" else None,
-        "stop_reason": sidecar.get("StopReason") if method != "spline" else None,
-        # The spline baseline is numpy/scipy: CPU whatever its sidecar says.
-        "device": sidecar.get("Device") if method != "spline" else "cpu",
         "regridded": regridded,
         "command": " ".join(cmd[1:]),
     }
-    return record, preds
+    return record, facts, preds
 
 
 def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> dict[str, dict]:
@@ -241,12 +257,11 @@ def run_benchmark(s: Settings) -> dict:
                 write_case_dataset(case, bids_dir, mode, view, s.thickness)
                 for method in s.methods:
                     base = {"case": case.name, "mode": mode, "view": view, "method": method}
-                    record, preds = _run_method(s, case, key, bids_dir, method)
+                    record, facts, preds = _run_method(s, case, key, bids_dir, method)
                     scores = score(case, preds, wm) if preds is not None else {}
                     for c in case.scored:
-                        results["rows"].append(
-                            {**base, "contrast": c, **record, **scores.get(c, {})}
-                        )
+                        row = {**base, "contrast": c, **record, **facts.get(c, {})}
+                        results["rows"].append({**row, **scores.get(c, {})})
                     # Saved after every method, so an interrupted run keeps its results.
                     _add_spline_gains(results["rows"])
                     save(results, s.out)

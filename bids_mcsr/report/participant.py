@@ -341,7 +341,7 @@ def write_participant_report(
         "resolution (mm)": sr.get("ResolutionMM"),
         "fit wall time (s)": sr.get("WallTimeS"),
         "training samples/s": sr.get("SamplesPerS"),
-        "inputs": [i.get("Source") for i in sr.get("Inputs", [])],
+        "inputs": sorted({src for e in entries for src in e.sidecar.get("Sources", [])}),
     }
     if provenance:
         prov.update(provenance)

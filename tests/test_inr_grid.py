@@ -1,0 +1,69 @@
+"""The dense multi-resolution grid encoding (bids_mcsr/inr/grid.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from bids_mcsr.inr.encoding import ENCODINGS, build_encoding
+from bids_mcsr.inr.grid import DenseGridEncoding, level_resolutions
+
+
+def test_level_resolutions_are_geometric_between_the_bounds():
+    assert level_resolutions(4, 8, 64) == [8, 16, 32, 64]
+    assert level_resolutions(1, 8, 64) == [64]
+    res = level_resolutions(5, 16, 113)
+    assert res[0] == 16 and res[-1] == 113 and res == sorted(res)
+
+
+@pytest.mark.parametrize("args", [(0, 8, 64), (3, 1, 64), (3, 64, 8)])
+def test_bad_level_settings_raise(args):
+    with pytest.raises(ValueError, match="dense-grid"):
+        level_resolutions(*args)
+
+
+def test_registered_and_output_shape():
+    assert "dense-grid" in ENCODINGS
+    enc = build_encoding(
+        "dense-grid", {"n_levels": 3, "base_resolution": 4, "max_resolution": 16, "features_per_level": 2}
+    )
+    assert enc.out_dim == 6
+    assert [lvl.shape for lvl in enc.levels] == [(1, 2, r, r, r) for r in (4, 8, 16)]
+    out = enc(torch.rand(257, 3) * 2 - 1)
+    assert out.shape == (257, 6) and out.dtype == torch.float32
+
+
+def test_trilinear_lookup_is_exact_for_linear_fields_and_follows_xyz_order():
+    enc = DenseGridEncoding(n_levels=1, base_resolution=5, max_resolution=5, features_per_level=3)
+    node = torch.linspace(-1, 1, 5)
+    with torch.no_grad():
+        level = enc.levels[0]
+        # storage is (F, z, y, x): feature 0 = x, 1 = y, 2 = 2x - y + 3z
+        zz, yy, xx = torch.meshgrid(node, node, node, indexing="ij")
+        level[0, 0], level[0, 1], level[0, 2] = xx, yy, 2 * xx - yy + 3 * zz
+    pts = torch.rand(1000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = enc(pts)
+    expected = torch.stack([pts[:, 0], pts[:, 1], 2 * pts[:, 0] - pts[:, 1] + 3 * pts[:, 2]], 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # Outside the cube the border value is read (no zero padding).
+    far = enc(torch.tensor([[3.0, 0.0, 0.0]]))
+    assert far[0, 0].item() == pytest.approx(1.0)
+
+
+def test_gradient_reaches_only_the_eight_neighbouring_nodes_with_unit_total_weight():
+    enc = DenseGridEncoding(n_levels=2, base_resolution=5, max_resolution=9, features_per_level=1)
+    enc(torch.tensor([[0.1, -0.3, 0.45]])).sum().backward()
+    for level in enc.levels:
+        g = level.grad.numpy()
+        assert np.count_nonzero(g) == 8
+        assert g.sum() == pytest.approx(1.0, abs=1e-6) and (g >= 0).all()
+
+
+def test_initialisation_is_seeded_and_outputs_deterministic():
+    params = {"n_levels": 3, "base_resolution": 4, "max_resolution": 16, "init_std": 0.1}
+    torch.manual_seed(5)
+    a = build_encoding("dense-grid", params)
+    torch.manual_seed(5)
+    b = build_encoding("dense-grid", params)
+    pts = torch.rand(300, 3) * 2 - 1
+    assert torch.equal(a(pts), b(pts))
+    assert 0.05 < float(a.levels[-1].detach().std()) < 0.15
