@@ -168,15 +168,21 @@ def test_ablations_and_three_contrasts(phantom):
     assert set(three.volumes) == {"A", "B", "C"}
 
 
-def test_foreground_sampling_and_foreground_inference(phantom):
+def test_foreground_sampling_and_foreground_inference(phantom, caplog):
+    caplog.set_level("INFO", logger="bids_mcsr.inr")
     r = fit(
         phantom,
         masks=True,
+        progress=True,  # stderr is not a TTY under pytest: one log line per epoch
         overrides={"foreground_fraction": 0.9, "inference_region": "foreground"},
     )
     inferred = r.volumes["A"] != 0
     assert 0 < inferred.sum() == r.config["inferred_voxels"] == r.config["foreground_voxels"]
-    assert r.samples_per_s > 0
+    _, lr, _ = phantom
+    n_fg = sum(int((lr[n][0] > 0).sum()) for n in ("A", "B"))
+    assert r.config["samples_per_epoch"] == n_fg + round(n_fg * 0.1 / 0.9)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "bids_mcsr.inr"]
+    assert len(lines) == 2 and "epoch 2/2" in lines[1] and "MI A|B=" in lines[1]
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.out is None:
         a.out = DEFAULT_OUT / "quick" if a.quick else DEFAULT_OUT
     if a.quick:
-        s = quick_settings(a.data_dir, a.out, a.device)
+        s = quick_settings(a.data_dir, a.out, a.device, a.epochs)
     else:
         if not a.cases and not a.hr:
             parser.error("nothing to run: give --cases and/or --hr")

@@ -303,9 +303,15 @@ def save(results: dict, out: Path) -> None:
     (out / "results.md").write_text(render(results))
 
 
-def quick_settings(data_dir: Path, out: Path, device: str = "auto") -> Settings:
-    """The CI-sized run: a small icbm crop, spline vs split-head, paper simulation."""
+def quick_settings(
+    data_dir: Path, out: Path, device: str = "auto", epochs: int | None = None
+) -> Settings:
+    """The CI-sized run: a small icbm crop, spline vs split-head, paper simulation.
+
+    ``epochs`` caps split-head's budget (default: the fast preset's own).
+    """
     return Settings(
+        epochs=epochs,
         cases=[QUICK_CASE],
         methods=["spline", "split-head"],
         modes=["paper"],

@@ -255,6 +255,7 @@ def fit_contrasts(
         "foreground_voxels": int(np.count_nonzero(foreground)),
         "foreground_source": "out_mask" if out_mask is not None else "inputs",
         "inferred_voxels": int(len(region)),
+        "samples_per_epoch": int(sum(r.samples // max(r.epochs_run, 1) for r in runs)),
         "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
     }
     return FitResult(
