@@ -42,8 +42,9 @@ def ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     is ``round(radius_mm / spacing[a])`` voxels (0 means no extent along it).
     """
     half = [int(np.floor(radius_mm / s + 0.5)) for s in spacing]
-    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)],
-                        indexing="ij")
+    grids = np.meshgrid(
+        *[np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)], indexing="ij"
+    )
     dist2 = sum(g.astype(float) ** 2 for g in grids)
     return dist2 <= radius_mm**2 + 1e-9
 
@@ -281,7 +282,9 @@ def load_mask(
         img = nib.load(str(path))
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for unreadable files
-        raise ValueError(f"--mask {path}: cannot read it as NIfTI ({exc}); give a .nii/.nii.gz file") from exc
+        raise ValueError(
+            f"--mask {path}: cannot read it as NIfTI ({exc}); give a .nii/.nii.gz file"
+        ) from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -152,6 +152,37 @@ def register_inputs(
     return transforms, record
 
 
+def write_transforms(
+    job: Job,
+    chosen: list[Candidate],
+    transforms: list[np.ndarray | None],
+    registration: dict,
+    out_dir: Path,
+) -> list[Path]:
+    """ITK text file of each registered input's transform, named in the BIDS style
+    ``sub-<L>[_ses-<S>]_from-<input>_to-<reference>_mode-image_xfm.txt`` in the anat folder
+    (``registration.save_transform`` documents the convention); the sidecar's
+    ``Registration.Inputs[<file>].TransformFile`` names it."""
+    from .registration import save_transform
+
+    def label(c: Candidate) -> str:  # BIDS labels are alphanumeric
+        return "".join(ch for ch in c.label if ch.isalnum())
+
+    folder = derivatives.anat_dir(out_dir, job.subject, job.session)
+    prefix = f"sub-{job.subject}" + (f"_ses-{job.session}" if job.session else "")
+    written = []
+    for c, t in zip(chosen[1:], transforms[1:], strict=True):
+        if t is None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        # Transforms are not in the BIDS 1.x schema yet (BEP014): keep the validator quiet.
+        derivatives.ensure_bidsignore(out_dir, ["*_xfm.txt"])
+        path = folder / f"{prefix}_from-{label(c)}_to-{label(chosen[0])}_mode-image_xfm.txt"
+        written.append(save_transform(path, t))
+        registration["Inputs"][c.path.name]["TransformFile"] = path.name
+    return written
+
+
 def effective_affines(images: list[Image], transforms: list[np.ndarray | None]) -> list[np.ndarray]:
     """Voxel -> reference-world affine of each input."""
     return [compose(t, img.affine) for img, t in zip(images, transforms, strict=True)]
@@ -445,8 +476,9 @@ def _process(
         fit = fit_inr(
             chosen, images, transforms, in_masks, out_shape, out_affine, out_mask, resolution, opts
         )
+    xfm_files = write_transforms(job, chosen, transforms, registration, out_dir)
     fit.sr_fields["Registration"] = registration
-    return write_outputs(
+    return xfm_files + write_outputs(
         job,
         chosen,
         images,

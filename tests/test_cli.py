@@ -146,6 +146,7 @@ def test_partial_failure_exits_1_and_keeps_the_rest(bids, tmp_path, capsys):
     assert not (out / "sub-02").exists() or not list((out / "sub-02").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_and_overwrite_recomputes(bids, tmp_path):
     out = tmp_path / "out"
     argv = [str(bids), str(out), "participant", "--participant_label", "sub-01", *FAST]

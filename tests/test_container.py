@@ -441,11 +441,32 @@ def test_fetch_templates_needs_templateflow_home():
 # -- the recipe, replayed ------------------------------------------------------------
 
 
-def _as_unprivileged() -> list[str]:
-    """Command prefix that drops root, as ``docker run -u 65534:65534`` would."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return []
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+def _world_runnable(path: Path) -> bool:
+    """Whether any user can run ``path`` (every folder above it searchable by others)."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
+def fresh_python(version: tuple[int, int]) -> tuple[str, list[str]]:
+    """An interpreter of ``version`` for the fresh venv and the prefix to run it as nobody.
+
+    Running the entrypoint as uid 65534 (like ``docker run -u``) needs root here (setpriv)
+    and an interpreter others can reach: a pyenv Python under a private /root is not, so a
+    system one is preferred. Without both, the venv is run as the current user.
+    """
+    name = f"python{version[0]}.{version[1]}"
+    candidates = [shutil.which(name), f"/usr/bin/{name}", f"/usr/local/bin/{name}"]
+    if sys.version_info[:2] == version:
+        candidates.append(getattr(sys, "_base_executable", sys.executable))
+    usable = [Path(c) for c in candidates if c and Path(c).is_file()]
+    if not usable:
+        pytest.skip(f"no {name} here (the image's Python)")
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        for python in usable:
+            if _world_runnable(python):
+                drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+                return str(python), drop
+    return str(usable[0]), []
 
 
 @pytest.mark.slow
@@ -453,8 +474,7 @@ def test_dockerfile_recipe_in_a_fresh_venv():
     if os.environ.get("MCSR_CONTAINER"):
         pytest.skip("inside the image: its build already ran this recipe")
     base = re.search(r"python:(\d+)\.(\d+)", read_dockerfile()[0].text)
-    if sys.version_info[:2] != (int(base[1]), int(base[2])):
-        pytest.skip(f"the image uses Python {base[1]}.{base[2]}; this is {sys.version[:4]}")
+    python, as_nobody = fresh_python((int(base[1]), int(base[2])))
 
     # Under /tmp with open permissions: the unprivileged user must be able to read the venv.
     top = Path(tempfile.mkdtemp(prefix="mcsr-recipe-"))
@@ -462,7 +482,7 @@ def test_dockerfile_recipe_in_a_fresh_venv():
         top.chmod(0o755)
         context, root, venv = top / "context", top / "root", top / "venv"
         stage_context(context)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
         # The image's /tmp: world-writable and sticky, like the tmpfs of --read-only runs.
         (root / "tmp").mkdir(parents=True)
         (root / "tmp").chmod(0o1777)
@@ -485,7 +505,7 @@ def test_dockerfile_recipe_in_a_fresh_venv():
 
         def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [*_as_unprivileged(), *args],
+                [*as_nobody, *args],
                 cwd=cwd,
                 env=env,
                 capture_output=True,

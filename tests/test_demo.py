@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -60,14 +62,17 @@ def test_demo_dataset_is_valid_bids(built):
 
 @pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path, capsys):
-    code = demo.main(
-        ["--out", str(tmp_path), "--voxel", str(VOXEL), "--epochs", "2", "--nthreads", "1"]
-    )
+    # whole brain at 6 mm; unknown options (--seed) go on to mcsr
+    argv = ["--out", str(tmp_path), "--voxel", str(VOXEL), "--crop", "0", "--epochs", "2"]
+    code = demo.main([*argv, "--nthreads", "1", "--seed", "3"])
     out = capsys.readouterr().out
     assert code == 0
     deriv = tmp_path / "bids" / "derivatives" / "mcsr"
     for name in ("T1w", "T2w"):
         assert (deriv / "sub-01" / "anat" / f"sub-01_desc-superres_{name}.nii.gz").is_file()
     assert (deriv / "group_qc.tsv").is_file()
+    meta = json.loads((deriv / "sub-01/anat/sub-01_desc-superres_T2w.json").read_text())
+    assert meta["SuperResolution"]["Seed"] == 3
+    assert meta["SuperResolution"]["Config"]["batch_size"] == 1024
     assert f"derivatives        : {deriv}" in out
     assert "cubic spline" in out

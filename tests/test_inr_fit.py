@@ -18,6 +18,7 @@ from bids_mcsr.resample import acquire, resample_to_grid
 
 N = 32
 TINY = {
+    "encoding": "fourier",
     "encoding_params": {"n_frequencies": 64, "sigma": 1.0},
     "trunk_width": 64,
     "trunk_layers": 2,

@@ -90,10 +90,10 @@ def test_paper_preset_is_the_paper_architecture():
 
 def test_resolve_overrides_merge_and_validate():
     p = resolve(
-        "fast", {"epochs": 3, "encoding_params": {"sigma": 1.5}, "weight_decay": {"encoding": 0.1}}
+        "paper", {"epochs": 3, "encoding_params": {"sigma": 1.5}, "weight_decay": {"encoding": 0.1}}
     )
     assert p.epochs == 3 and p.encoding_params["sigma"] == 1.5
-    assert p.encoding_params["n_frequencies"] == PRESETS["fast"].encoding_params["n_frequencies"]
+    assert p.encoding_params["n_frequencies"] == PRESETS["paper"].encoding_params["n_frequencies"]
     assert p.weight_decay == {"encoding": 0.1, "network": 0.0}
     assert resolve("paper").epochs == 50  # the registry is not modified
     swapped = resolve("fast", {"encoding": "identity"})

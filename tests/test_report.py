@@ -169,6 +169,7 @@ def test_participant_report_is_complete_and_self_contained(tmp_path):
 def test_participant_report_without_curves_or_stored_qc(tmp_path):
     # A spline output has no curves; an old sidecar without QC gets it recomputed.
     entries = make_entries(with_qc=False, curves=False)
+    entries[0].label = "T1w (acq-fast run-2)"  # discovery's labels carry spaces: safe anchors
     path = write_participant_report(tmp_path / "sub-02_ses-1.html", entries)
     text, parser = parse(path)
     assert len(parser.images) == 2 * 5
@@ -287,6 +288,7 @@ def test_job_status_records_round_trip(tmp_path):
     assert [f["participant_id"] for f in failures_from(read_job_statuses(tmp_path))] == ["sub-02"]
 
 
+@pytest.mark.slow
 def test_reports_from_the_app_end_to_end(tmp_path):
     # Through the CLI: sub-01 is fused, sub-02 has a truncated image and fails,
     # sub-03 has one contrast and is skipped; the group report lists both.

@@ -1,4 +1,7 @@
-"""End to end on tiny phantoms: participant + group level, validator-clean derivatives."""
+"""End to end on tiny phantoms: participant + group level, validator-clean derivatives.
+
+Every test here runs whole participants (fit, QC, report): marked slow.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +18,13 @@ from bidsdata import HR_SHAPE, make_dataset, pair, phantom
 from bids_mcsr.cli import main
 from bids_mcsr.discovery import validator_errors
 
-# A small INR: a few epochs of a narrow network, enough to exercise the engine path.
+pytestmark = pytest.mark.slow
+
+# A small INR: two epochs of a narrow network, enough to exercise the engine path.
 TINY_INR = [
     "--epochs", "2",
-    "--override", "trunk_width=32",
-    "--override", "head_width=16",
-    "--override", 'encoding_params={"n_frequencies": 16}',
+    "--override", "trunk_width=16",
+    "--override", "batch_size=2048",
     "--nthreads", "1",
 ]  # fmt: skip
 
@@ -118,7 +122,7 @@ def test_inr_path(tmp_path):
     assert sr["Architecture"] == "split-head"
     assert sr["PartnerContrasts"] == ["T1w"]
     assert sr["EpochsRun"] == 2 and 1 <= sr["SelectedEpoch"] <= 2
-    assert sr["Config"]["trunk_width"] == 32
+    assert sr["Config"]["trunk_width"] == 16 and sr["Config"]["batch_size"] == 2048
     assert sr["Seed"] == 7 and sr["Device"] == "cpu"
     assert list(sr["MICurve"]) == ["T1w|FLAIR"] and len(sr["MICurve"]["T1w|FLAIR"]) == 2
     assert sorted(sr["LossCurve"]) == ["FLAIR", "T1w"]

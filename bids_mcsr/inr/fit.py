@@ -38,6 +38,7 @@ the paper, not used for stopping).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import sys
@@ -51,8 +52,9 @@ from torch import nn
 
 from .. import geometry
 from ..resample import profile_offsets
+from . import grid  # noqa: F401  (registers the "dense-grid" encoding)
 from . import mi as mi_mod
-from .encoding import build_encoding
+from .encoding import ENCODINGS, build_encoding
 from .model import build_field
 from .presets import Preset, json_ready, resolve
 
@@ -184,7 +186,9 @@ def fit_contrasts(
             )
             for cs, idx in _groups(contrasts, architecture)
         ]
-        fields = _build_fields(architecture, len(contrasts), len(sets), cfg, seed, dev)
+        fields = _build_fields(
+            architecture, len(contrasts), len(sets), cfg, seed, dev, normaliser.half_extent
+        )
         gen = torch.Generator().manual_seed(seed)
         groups = [idx for _, idx in _groups(contrasts, architecture)]
         weights = [
@@ -446,19 +450,23 @@ def _torch_settings(nthreads: int | None, deterministic: bool) -> Iterator[None]
         torch.use_deterministic_algorithms(det, warn_only=warn)
 
 
-def _build_fields(architecture, n_contrasts, n_fields, cfg: Preset, seed, dev) -> list[nn.Module]:
+def _build_fields(
+    architecture, n_contrasts, n_fields, cfg: Preset, seed, dev, half_extent_mm: float
+) -> list[nn.Module]:
+    # Encodings sized in mm (e.g. "dense-grid") take the normaliser's scale.
+    params = dict(cfg.encoding_params)
+    if "half_extent_mm" in inspect.signature(ENCODINGS[cfg.encoding]).parameters:
+        params.setdefault("half_extent_mm", half_extent_mm)
     # fork_rng: seeding initialisation must not disturb the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if architecture == "single":
             fields = [
-                build_field(
-                    "vanilla", build_encoding(cfg.encoding, cfg.encoding_params), 1, cfg.to_dict()
-                )
+                build_field("vanilla", build_encoding(cfg.encoding, params), 1, cfg.to_dict())
                 for _ in range(n_fields)
             ]
         else:
-            enc = build_encoding(cfg.encoding, cfg.encoding_params)
+            enc = build_encoding(cfg.encoding, params)
             fields = [build_field(architecture, enc, n_contrasts, cfg.to_dict())]
     return [f.to(dev) for f in fields]
 

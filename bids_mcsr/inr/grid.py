@@ -9,16 +9,20 @@ the trilinear interpolation of that level's ``features_per_level`` values
 (``F.grid_sample``, ``align_corners=True``), so ``out_dim = n_levels *
 features_per_level``. Points outside the cube read the border values.
 
-Choosing ``max_resolution``: the normalised cube spans the longest side of the
-inputs' union bounding box (``geometry.CoordinateNormaliser``), so a node spacing
-of ``s`` mm needs ``R = 2 * half_extent_mm / s + 1`` nodes, e.g. 225 for 1 mm over
-a 224 mm box.
+Sizing in mm: the normalised cube spans the longest side of the inputs' union
+bounding box (``geometry.CoordinateNormaliser``), so a node spacing of ``s`` mm
+needs ``R = 2 * half_extent_mm / s + 1`` nodes (``resolution_for_spacing``), e.g.
+169 for 1.33 mm over a 224 mm box. Give ``coarsest_mm`` and ``finest_mm`` instead
+of resolutions to keep the same physical cell sizes for any field of view; the
+engine passes ``half_extent_mm`` to encodings that accept it.
 
 Memory: ``sum_l R_l^3 * features_per_level`` float32 parameters (x3 with Adam's
 moments), e.g. levels 16..128 with 2 features are about 5 M parameters (20 MB).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,15 @@ def level_resolutions(n_levels: int, base_resolution: int, max_resolution: int) 
     return [int(round(base_resolution * growth**level)) for level in range(n_levels)]
 
 
+def resolution_for_spacing(spacing_mm: float, half_extent_mm: float) -> int:
+    """Nodes per axis giving at most ``spacing_mm`` between nodes over ``[-1, 1]``."""
+    if spacing_mm <= 0 or half_extent_mm <= 0:
+        raise ValueError(
+            f"dense-grid needs spacing_mm > 0 and half_extent_mm > 0, got {spacing_mm}, {half_extent_mm}"
+        )
+    return max(2, math.ceil(2 * half_extent_mm / spacing_mm - 1e-6) + 1)
+
+
 @register_encoding("dense-grid")
 class DenseGridEncoding(nn.Module):
     """Multi-resolution dense feature grids with trilinear interpolation.
@@ -51,6 +64,11 @@ class DenseGridEncoding(nn.Module):
         (see ``level_resolutions``).
     features_per_level
         Trainable features stored at each node of every level.
+    coarsest_mm, finest_mm, half_extent_mm
+        Alternative to the two resolutions: node spacings in mm of the coarsest and
+        finest level, converted with ``half_extent_mm`` (mm per normalised unit).
+        When all three are given they override ``base_resolution`` and
+        ``max_resolution``.
     init_std
         Standard deviation of the normal initialisation of the grid values
         (small, so the MLP starts from an almost constant field).
@@ -66,10 +84,16 @@ class DenseGridEncoding(nn.Module):
         max_resolution: int = 128,
         features_per_level: int = 2,
         init_std: float = 1e-2,
+        coarsest_mm: float | None = None,
+        finest_mm: float | None = None,
+        half_extent_mm: float | None = None,
     ):
         super().__init__()
         if features_per_level < 1 or init_std < 0:
             raise ValueError("dense-grid needs features_per_level >= 1 and init_std >= 0")
+        if coarsest_mm is not None and finest_mm is not None and half_extent_mm is not None:
+            base_resolution = resolution_for_spacing(coarsest_mm, half_extent_mm)
+            max_resolution = max(base_resolution, resolution_for_spacing(finest_mm, half_extent_mm))
         self.resolutions = level_resolutions(n_levels, base_resolution, max_resolution)
         # Stored (1, F, R, R, R) with the last axis indexed by x, as grid_sample
         # reads grid[..., 0] along the last (W) axis: points need no reordering.

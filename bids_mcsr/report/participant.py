@@ -16,6 +16,7 @@ Typical use at the end of a participant run::
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ class ContrastEntry:
         return compose(self.transform, self.input_affine)
 
 
+def anchor(label: str) -> str:
+    """Element id of a contrast's section: ``c-`` + the label with unsafe characters as ``-``."""
+    return "c-" + re.sub(r"[^A-Za-z0-9_-]", "-", label)
+
+
 def report_name(subject: str, session: str | None = None) -> str:
     """``sub-<L>[_ses-<S>].html`` (labels without their ``sub-``/``ses-`` prefix)."""
     return f"sub-{subject}" + (f"_ses-{session}" if session else "") + ".html"
@@ -138,7 +144,7 @@ def _summary_table(entries: Sequence[ContrastEntry], qcs: Sequence[dict]) -> str
         cons = q.get("Consistency", {})
         rows.append(
             (
-                f'<a href="#c-{esc(e.label)}">{esc(e.label)}</a>',
+                f'<a href="#{anchor(e.label)}">{esc(e.label)}</a>',
                 esc(e.input_name or "input"),
                 esc(spacing),
                 plane_text,
@@ -194,7 +200,7 @@ def _contrast_section(entry: ContrastEntry, q: dict, cons: qc.Consistency) -> st
     window = cons.intensity_range
     display_mask = out_ras > window[0] + 0.1 * (window[1] - window[0])
     title = f"{entry.label}"
-    parts = [f'<h2 id="c-{esc(entry.label)}">{esc(entry.label)}</h2>']
+    parts = [f'<h2 id="{anchor(entry.label)}">{esc(entry.label)}</h2>']
     names = (
         f"input <code>{esc(entry.input_name or 'n/a')}</code> &rarr; output "
         f"<code>{esc(entry.output_name or 'n/a')}</code>"
@@ -311,7 +317,7 @@ def write_participant_report(
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     nav = " ".join(
         ['<a href="#summary">summary</a>', '<a href="#fit">fit</a>']
-        + [f'<a href="#c-{esc(e.label)}">{esc(e.label)}</a>' for e in entries]
+        + [f'<a href="#{anchor(e.label)}">{esc(e.label)}</a>' for e in entries]
         + ['<a href="#provenance">provenance</a>']
     )
     body = [
