@@ -15,7 +15,12 @@ Conventions
   smooths and resamples each axis to ``max(spacing, level_mm)``, so a 1x1x4 mm
   stack is never blurred or shrunk across its 4 mm slices by the same voxel
   factor as in-plane (SimpleITK's built-in shrink factors are per level, not
-  per axis).
+  per axis). Each image is also blurred along the other's thick direction
+  (``_match_variance``) so both see every edge with the same blur.
+* Acceptance: the finest level is run both from the pyramid's result and from
+  the start (headers or ``initial``); the best of start and the two results by
+  MI over every masked voxel is returned, so registration never leaves a pair
+  worse aligned, by its own metric, than its headers.
 * Determinism: metric samples are drawn with a fixed seed and a fixed sample
   count, and the thread count is fixed (``threads``), so the same call gives
   the same transform (up to ~1e-13 from the order of ITK's threaded sums).
@@ -233,6 +238,80 @@ def _centre_lps(img: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
     return np.asarray(img.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
 
 
+def _full_metric(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    bins: int,
+    threads: int,
+    *,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+) -> float:
+    """Mattes MI of ``transform`` over every (masked) fixed voxel: deterministic, noise-free."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(int(threads))
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    method.SetMetricSamplingStrategy(method.NONE)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetInitialTransform(transform, inPlace=False)
+    return float(method.MetricEvaluate(fixed, moving))
+
+
+def _optimise(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Euler3DTransform,
+    level_mm: float,
+    *,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+    samples: int,
+    seed: int,
+    bins: int,
+    iterations: int,
+    threads: int,
+) -> int:
+    """One pyramid level of MI optimisation, updating ``transform`` in place; returns iterations."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(int(threads))
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    n_fixed = int(np.prod(fixed.GetSize()))
+    if fixed_mask is not None:
+        n_fixed = max(int(sitk.GetArrayViewFromImage(fixed_mask).sum()), 1)
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    # SimpleITK reads seed 0 as "seed from the wall clock": shift by one.
+    method.SetMetricSamplingPercentage(min(1.0, samples / n_fixed), int(seed) % 2**31 + 1)
+    method.SetInterpolator(sitk.sitkLinear)
+    # Steps in mm of maximal voxel shift (physical-shift scales), so the
+    # same schedule suits rotations and translations at every level.
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=level_mm / 2,
+        minStep=level_mm * MIN_STEP,
+        numberOfIterations=int(iterations),
+        relaxationFactor=RELAXATION,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    logger.debug(
+        "level %.1f mm: %d iterations, MI %.4f (%s)",
+        level_mm,
+        method.GetOptimizerIteration(),
+        method.GetMetricValue(),
+        method.GetOptimizerStopConditionDescription(),
+    )
+    return int(method.GetOptimizerIteration())
+
+
 def register_rigid(
     fixed_data: np.ndarray,
     fixed_affine: np.ndarray,
@@ -275,9 +354,11 @@ def register_rigid(
     threads
         ITK threads; fixed so that results do not depend on the machine.
     report
-        If a dict is given, it receives ``metric`` (final Mattes MI on the
-        finest level, negative: lower is better), ``metric_initial`` (same, at
-        the starting transform), ``iterations`` per level and ``seconds``.
+        If a dict is given, it receives ``metric`` (final Mattes MI over all
+        masked voxels of the finest level, negative: lower is better),
+        ``metric_initial`` (same, at the starting transform), ``iterations``
+        per level and ``seconds``. When the result's MI is not better than the
+        start's, the start is returned.
 
     Returns
     -------
@@ -310,63 +391,33 @@ def register_rigid(
     fixed_levels = _pyramid(fixed, levels_mm, _match_variance(fixed, moving))
     moving_levels = _pyramid(moving, levels_mm, _match_variance(moving, fixed))
     start_tx = sitk.Euler3DTransform(tx)
+    settings = {"samples": samples, "seed": seed, "bins": bins, "iterations": iterations}
+    settings["threads"] = threads
+    masks: dict = {}
     iterations_run = []
-    metric_initial = None
-    method = None
     for level_mm in levels_mm:
-        f = fixed_levels[float(level_mm)]
-        m = moving_levels[float(level_mm)]
-        method = sitk.ImageRegistrationMethod()
-        method.SetNumberOfThreads(int(threads))
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-        n_fixed = int(np.prod(f.GetSize()))
-        if fmask is not None:
-            fm = _level_mask(fmask, level_mm, MASK_MARGIN_MM)
-            n_fixed = max(int(sitk.GetArrayViewFromImage(fm).sum()), 1)
-            method.SetMetricFixedMask(fm)
-        if mmask is not None:
-            method.SetMetricMovingMask(_level_mask(mmask, level_mm, MASK_MARGIN_MM))
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        # SimpleITK reads seed 0 as "seed from the wall clock": shift by one.
-        method.SetMetricSamplingPercentage(min(1.0, samples / n_fixed), int(seed) % 2**31 + 1)
-        method.SetInterpolator(sitk.sitkLinear)
-        # Steps in mm of maximal voxel shift (physical-shift scales), so the
-        # same schedule suits rotations and translations at every level.
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=level_mm / 2,
-            minStep=level_mm * MIN_STEP,
-            numberOfIterations=int(iterations),
-            relaxationFactor=RELAXATION,
-            gradientMagnitudeTolerance=1e-8,
-        )
-        method.SetOptimizerScalesFromPhysicalShift()
-        if level_mm == levels_mm[-1]:  # MI before/after on the same (finest) level
-            method.SetInitialTransform(start_tx, inPlace=False)
-            metric_initial = float(method.MetricEvaluate(f, m))
-        method.SetInitialTransform(tx, inPlace=True)
-        method.Execute(f, m)
-        iterations_run.append(int(method.GetOptimizerIteration()))
-        logger.debug(
-            "level %.1f mm: %d iterations, MI %.4f (%s)",
-            level_mm,
-            iterations_run[-1],
-            method.GetMetricValue(),
-            method.GetOptimizerStopConditionDescription(),
-        )
-
-    metric_final = float(method.MetricEvaluate(f, m)) if method is not None else None
-    if metric_initial is not None and metric_final is not None and metric_final > metric_initial:
-        # The same samples say the start was better (flat or tiny images):
-        # never return a transform that the metric itself rejects.
-        logger.info(
-            "registration did not improve MI (%.4f -> %.4f): keeping the start",
-            metric_initial,
-            metric_final,
-        )
-        tx, metric_final = start_tx, metric_initial
+        f, m = fixed_levels[float(level_mm)], moving_levels[float(level_mm)]
+        fm = None if fmask is None else _level_mask(fmask, level_mm, MASK_MARGIN_MM)
+        mm = None if mmask is None else _level_mask(mmask, level_mm, MASK_MARGIN_MM)
+        masks = {"fixed_mask": fm, "moving_mask": mm}
+        iterations_run.append(_optimise(f, m, tx, level_mm, **settings, **masks))
+    # Judge on every masked voxel of the finest level (no sampling noise).
+    # Scans of one session are often aligned already; the coarse levels, with
+    # their different blur per contrast, can pull a well-aligned pair off, so
+    # the finest level is also run from the start and the best of start,
+    # pyramid result and start-refined result is kept: the returned transform
+    # is never worse, by the metric itself, than the headers.
+    refined_start = sitk.Euler3DTransform(start_tx)
+    _optimise(f, m, refined_start, levels_mm[-1], **settings, **masks)
+    candidates = [start_tx, refined_start, tx]
+    values = [_full_metric(f, m, t, bins, threads, **masks) for t in candidates]
+    metric_initial = values[0]
+    best = int(np.argmin(values[::-1]))  # ties: prefer the pyramid result
+    tx, metric_final = candidates[::-1][best], values[::-1][best]
+    logger.debug("finest-level MI: start %.4f, refined start %.4f, pyramid %.4f", *values)
     itk_lps = _itk_to_matrix(tx)  # fixed LPS -> moving LPS
     transform = np.linalg.inv(RAS_TO_LPS @ itk_lps @ RAS_TO_LPS)
-    if report is not None and method is not None:
+    if report is not None:
         report.update(
             metric=metric_final,
             metric_initial=metric_initial,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import time
 
@@ -30,7 +31,11 @@ def main():
     ap.add_argument("--overrides", default="{}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--clip", action="store_true", help="clip outputs to the input's range")
+    ap.add_argument("--progress", action="store_true", help="log each epoch")
     args = ap.parse_args()
+    if args.progress:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hr, aff = load_case(args.size)
     mask = hr["T1w"] > 0
     shape = hr["T1w"].shape
@@ -44,14 +49,18 @@ def main():
         t0 = time.time()
         res = fit_contrasts(contrasts, shape, aff, preset=args.preset,
                             overrides=json.loads(args.overrides), nthreads=args.threads,
-                            progress=False)
+                            progress=args.progress)
         wall = time.time() - t0
         for n in FACTORS:
             sp_p, sp_s = psnr(splines[n], hr[n], mask), ssim(splines[n], hr[n], mask)
-            p, s = psnr(res.volumes[n], hr[n], mask), ssim(res.volumes[n], hr[n], mask)
+            vol = res.volumes[n]
+            if args.clip:  # to the input's intensity range
+                lr = next(c.data for c in contrasts if c.name == n)
+                vol = vol.clip(lr.min(), lr.max())
+            p, s = psnr(vol, hr[n], mask), ssim(vol, hr[n], mask)
             rows.append((mode, n, sp_p, sp_s, p, s, p - sp_p, wall, res.epochs_run, res.selected_epoch))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"# {args.tag} size={args.size} preset={args.preset} overrides={args.overrides} threads={args.threads}")
+    print(f"# {args.tag} clip={args.clip} size={args.size} preset={args.preset} overrides={args.overrides} threads={args.threads}")
     print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s | epochs (sel) |")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} | {r[8]} ({r[9]}) |")

@@ -483,8 +483,14 @@ def _optimizer(fld: nn.Module, cfg: Preset) -> torch.optim.Optimizer:
             "weight_decay": cfg.weight_decay.get("network", 0.0),
         },
     ]
+    # The fused kernel is the same Adam; on CPU it updates a 20 M-cell feature grid
+    # ~15x faster than the per-tensor loop (docs/fast-engine.md), and it is deterministic.
     return torch.optim.Adam(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+        fused=next(fld.parameters()).device.type in ("cpu", "cuda"),
     )
 
 
