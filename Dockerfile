@@ -5,7 +5,7 @@
 #
 #   docker build --build-arg VERSION="$(cat version)" -t bids/mcsr:"$(cat version)" .
 #
-# CPU-only variant (about 1 GB instead of about 6 GB):
+# CPU-only variant (about 2 GB; the CUDA build adds several GB of NVIDIA libraries):
 #   docker build --build-arg VERSION="$(cat version)" \
 #       --build-arg TORCH_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu -t bids/mcsr:cpu .
 #

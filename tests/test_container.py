@@ -361,6 +361,84 @@ def test_circleci_run_steps_are_valid_bash():
         assert done.returncode == 0, f"{command}\n{done.stderr}"
 
 
+# -- the cluster recipe (docs/hpc.md) and the README's commands -----------------------
+
+HPC = REPO / "docs" / "hpc.md"
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    """The bodies of the ```bash blocks of a Markdown text."""
+    return re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def test_documented_shell_commands_are_valid_bash():
+    readme = (REPO / "README.md").read_text()
+    docker = readme[
+        readme.index("<!-- section:docker -->") : readme.index("<!-- /section:docker -->")
+    ]
+    blocks = bash_blocks(docker) + bash_blocks(HPC.read_text())
+    assert len(blocks) >= 8
+    for block in blocks:
+        done = subprocess.run(["bash", "-n", "-c", block], capture_output=True, text=True)
+        assert done.returncode == 0, f"{block}\n{done.stderr}"
+
+
+def _fake(bin_dir: Path, name: str, stdout: str = "") -> Path:
+    """A stand-in command that appends its arguments, one per line, to ``<name>.log``."""
+    log = bin_dir / f"{name}.log"
+    script = bin_dir / name
+    script.write_text(
+        f'#!/bin/bash\nprintf "%s\\n" "$@" >> {shlex.quote(str(log))}\necho "---" >> '
+        f"{shlex.quote(str(log))}\necho {shlex.quote(stdout)}\n"
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_slurm_recipe_submits_one_task_per_subject_then_the_group_job(tmp_path):
+    # The submit script and the participant job, run with sbatch and apptainer faked: the
+    # array has one task per subject, and task N hands subject N to the container.
+    blocks = bash_blocks(HPC.read_text())
+    submit = next(b for b in blocks if "sbatch --parsable" in b)
+    participant = next(b for b in blocks if "--job-name=mcsr\n" in b)
+    bids = tmp_path / "bids"
+    for label in ("02", "01", "10"):
+        (bids / f"sub-{label}" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch_log = _fake(bin_dir, "sbatch", stdout="4242")
+    apptainer_log = _fake(bin_dir, "apptainer")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def run(script: str, **extra: str) -> None:
+        text = script.replace("/project/bids", str(bids))
+        done = subprocess.run(
+            ["bash", "-c", text],
+            cwd=tmp_path,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+
+    run(submit)
+    assert (tmp_path / "subjects.txt").read_text().split() == ["01", "02", "10"]
+    calls = sbatch_log.read_text().split("---\n")[:-1]
+    assert calls[0].split() == ["--parsable", "--array=1-3%20", "mcsr_participant.sbatch"]
+    assert calls[1].split() == ["--dependency=afterany:4242", "mcsr_group.sbatch"]
+
+    task = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "4"}
+    run(participant, **task, CUDA_VISIBLE_DEVICES="3", TMPDIR=str(tmp_path))
+    args = apptainer_log.read_text().split("\n")
+    assert args[args.index("--participant_label") + 1] == "02"
+    assert args[args.index("--nthreads") + 1] == "4"
+    assert "--nv" in args and "CUDA_VISIBLE_DEVICES=3" in args
+    assert f"{bids}:/bids:ro" in args
+    assert not list(tmp_path.glob("mcsr_7_2")), "the task's scratch folder is left behind"
+
+
 # -- TemplateFlow pre-fetch ----------------------------------------------------------
 
 
@@ -403,28 +481,47 @@ def _run_fetch(tf_home: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_fetch_templates_verifies_a_seeded_cache_offline(tmp_path):
-    tf_home = tmp_path / "templateflow"
-    paths = seed_templates(tf_home)
+@pytest.fixture(scope="module")
+def seeded_home(tmp_path_factory) -> Path:
+    """A TemplateFlow home with stand-ins for every pre-fetched file (do not modify)."""
+    home = tmp_path_factory.mktemp("templateflow")
+    paths = seed_templates(home)
     assert len(paths) == 3
-    assert {p.name for p in paths} >= {
-        "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
-        "tpl-MNI152NLin2009cAsym_res-01_desc-brain_mask.nii.gz",
-    }
-    done = _run_fetch(tf_home)
+    return home
+
+
+def test_prefetched_templates_are_the_ones_the_app_reads(seeded_home, monkeypatch):
+    # templates.py must find a real TemplateFlow file for both variants (head and brain) in
+    # what the image pre-fetches, or the container silently falls back to nilearn's MNI152.
+    from bids_mcsr import templates
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(seeded_home))
+    for skull_stripped in (False, True):
+        found = templates.local_templateflow_file("MNI152NLin2009cAsym", skull_stripped)
+        assert found is not None, f"skull_stripped={skull_stripped}: not pre-fetched"
+        loaded = templates.load_template("MNI152NLin2009cAsym", skull_stripped=skull_stripped)
+        assert loaded.source == str(found)
+
+
+@pytest.mark.slow  # TemplateFlow indexes its whole skeleton: 5-20 s
+def test_fetch_templates_verifies_a_seeded_cache_offline(seeded_home):
+    done = _run_fetch(seeded_home)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(" ok (") == 3
+    assert "tpl-MNI152NLin2009cAsym_res-01_desc-brain_mask.nii.gz ok" in done.stdout
 
 
-def test_fetch_templates_rejects_a_truncated_file(tmp_path):
+@pytest.mark.slow  # as above
+def test_fetch_templates_rejects_a_truncated_file(seeded_home, tmp_path):
     tf_home = tmp_path / "templateflow"
-    paths = seed_templates(tf_home)
-    broken = paths[0]
+    shutil.copytree(seeded_home, tf_home)
+    broken = tf_home / "tpl-MNI152NLin2009cAsym" / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
     broken.write_bytes(broken.read_bytes()[:40])  # a download cut short
     done = _run_fetch(tf_home)
     assert done.returncode == 1
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("fetch_templates:")]
-    assert len(lines) == 1 and "'suffix': 'T1w'" in lines[0] and "network" in lines[0]
+    assert len(lines) == 1, done.stderr
+    assert "'desc': None, 'suffix': 'T1w'" in lines[0] and "network" in lines[0]
     # Emptied, so that the next build downloads it again instead of trusting it.
     assert broken.stat().st_size == 0
 
