@@ -490,6 +490,7 @@ def seeded_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.slow  # seeded_home: TemplateFlow indexes its whole skeleton, 5-20 s
 def test_prefetched_templates_are_the_ones_the_app_reads(seeded_home, monkeypatch):
     # templates.py must find a real TemplateFlow file for both variants (head and brain) in
     # what the image pre-fetches, or the container silently falls back to nilearn's MNI152.
@@ -503,7 +504,7 @@ def test_prefetched_templates_are_the_ones_the_app_reads(seeded_home, monkeypatc
         assert loaded.source == str(found)
 
 
-@pytest.mark.slow  # TemplateFlow indexes its whole skeleton: 5-20 s
+@pytest.mark.slow  # as above
 def test_fetch_templates_verifies_a_seeded_cache_offline(seeded_home):
     done = _run_fetch(seeded_home)
     assert done.returncode == 0, done.stderr

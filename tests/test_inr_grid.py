@@ -24,7 +24,8 @@ def test_bad_level_settings_raise(args):
 def test_registered_and_output_shape():
     assert "dense-grid" in ENCODINGS
     enc = build_encoding(
-        "dense-grid", {"n_levels": 3, "base_resolution": 4, "max_resolution": 16, "features_per_level": 2}
+        "dense-grid",
+        {"n_levels": 3, "base_resolution": 4, "max_resolution": 16, "features_per_level": 2},
     )
     assert enc.out_dim == 6
     assert [lvl.shape for lvl in enc.levels] == [(1, 2, r, r, r) for r in (4, 8, 16)]
