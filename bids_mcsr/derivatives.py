@@ -39,19 +39,28 @@ BIDS_VERSION = "1.9.0"
 RAW_LINK = "raw"
 
 #: Non-BIDS files of the derivatives dataset, listed in ``.bidsignore``.
-BIDSIGNORE_PATTERNS = ("*.html", "figures/", "group_qc.tsv", "logs/")
+BIDSIGNORE_PATTERNS = ("*.html", "figures/", "group_qc.tsv", "logs/", "*_xfm.txt")
 
 
-def output_stem(subject: str, session: str | None, entities: dict[str, str], suffix: str) -> str:
-    """``sub-<L>[_ses-<S>][_acq-..][_ce-..][_rec-..][_run-..]_desc-superres_<suffix>``.
+def output_stem(
+    subject: str,
+    session: str | None,
+    entities: dict[str, str],
+    suffix: str,
+    space: str | None = None,
+) -> str:
+    """``sub-<L>[_ses-<S>][_acq-..][_ce-..][_rec-..][_run-..][_space-..]_desc-superres_<suffix>``.
 
     Built by hand, in BIDS entity order, because pybids' ``build_path`` drops
-    entities its config does not list.
+    entities its config does not list. ``space`` is a template space name
+    (``--output-space``); None or ``native`` adds no ``space-`` entity.
     """
     parts = [f"sub-{subject}"]
     if session:
         parts.append(f"ses-{session}")
     parts += [f"{key}-{entities[key]}" for key in NAME_ENTITIES if entities.get(key)]
+    if space and space != "native":
+        parts.append(f"space-{space}")
     parts += [f"desc-{DESC}", suffix]
     return "_".join(parts)
 
@@ -63,19 +72,23 @@ def anat_dir(out_dir: Path, subject: str, session: str | None) -> Path:
 
 
 def output_paths(
-    out_dir: Path, subject: str, session: str | None, cand: Candidate
+    out_dir: Path, subject: str, session: str | None, cand: Candidate, space: str | None = None
 ) -> tuple[Path, Path]:
     """``(image.nii.gz, sidecar.json)`` paths of the super-resolved version of ``cand``."""
-    stem = output_stem(subject, session, cand.entities, cand.suffix)
+    stem = output_stem(subject, session, cand.entities, cand.suffix, space)
     d = anat_dir(out_dir, subject, session)
     return d / f"{stem}.nii.gz", d / f"{stem}.json"
 
 
 def expected_outputs(
-    out_dir: Path, subject: str, session: str | None, chosen: Sequence[Candidate]
+    out_dir: Path,
+    subject: str,
+    session: str | None,
+    chosen: Sequence[Candidate],
+    space: str | None = None,
 ) -> list[Path]:
     """Every file a finished participant/session has: images and sidecars."""
-    return [p for c in chosen for p in output_paths(out_dir, subject, session, c)]
+    return [p for c in chosen for p in output_paths(out_dir, subject, session, c, space)]
 
 
 def is_complete(paths: Iterable[Path]) -> bool:
@@ -103,6 +116,26 @@ def _temp_path(path: Path) -> Path:
     )
     os.close(fd)
     return Path(name)
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for a temporary file of :func:`_temp_path` (left behind by a killed run)."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp" in name
+
+
+def remove_stale_temps(folder: Path, prefix: str = "") -> list[Path]:
+    """Delete temporary files in ``folder`` whose final name starts with ``prefix``.
+
+    Only a run killed between writing and renaming leaves them; call it for
+    folders (and name prefixes) that no other running process writes to.
+    """
+    removed = []
+    for p in Path(folder).glob(f".{prefix}*"):
+        if p.is_file() and is_temp_file(p):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _commit(tmp: Path, path: Path) -> None:
@@ -189,9 +222,45 @@ def dataset_description(bids_dir: Path) -> dict:
     }
 
 
+def _is_derivative_description(path: Path) -> bool:
+    try:
+        return json.loads(Path(path).read_text()).get("DatasetType") == "derivative"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def create_once(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists; True when this call created it.
+
+    The text goes to a temporary file that is then hard-linked to ``path``:
+    ``link`` fails when ``path`` exists, so of several processes racing, exactly
+    one creates the file and nobody ever sees it half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def write_dataset_files(out_dir: Path, bids_dir: Path) -> None:
-    """Write ``dataset_description.json`` and make sure ``.bidsignore`` lists our extras."""
-    atomic_write_json(Path(out_dir) / "dataset_description.json", dataset_description(bids_dir))
+    """Write ``dataset_description.json`` once and make sure ``.bidsignore`` lists our extras.
+
+    Safe when several participant processes share ``out_dir``: the description
+    is created once (:func:`create_once`) and kept on later runs; only an
+    unreadable or non-derivative one is replaced.
+    """
+    path = Path(out_dir) / "dataset_description.json"
+    text = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
+    if not create_once(path, text) and not _is_derivative_description(path):
+        atomic_write_text(path, text)
     ensure_bidsignore(out_dir, BIDSIGNORE_PATTERNS)
 
 
@@ -308,3 +377,24 @@ def super_resolution_fields(
         "SamplesPerS": None if samples_per_s is None else round(float(samples_per_s), 1),
         "Registration": registration or {},
     }
+
+
+def input_transform(sidecar_obj: dict, input_name: str) -> np.ndarray | None:
+    """World transform (4, 4) of input file ``input_name`` into the output's world, or None.
+
+    Reads what the workflow records in ``SuperResolution.Registration``: the
+    input's rigid registration ``Inputs[<file name>].Matrix`` (input world ->
+    reference world; absent for the reference and with ``--no-registration``)
+    followed, for template-space outputs, by ``Template.Matrix`` (reference
+    world -> template world). None means identity.
+    """
+    reg = sidecar_obj.get("SuperResolution", {}).get("Registration", {}) or {}
+    moving = (reg.get("Inputs", {}) or {}).get(input_name, {}).get("Matrix")
+    template = (reg.get("Template", {}) or {}).get("Matrix")
+    mats = [np.asarray(m, dtype=float) for m in (moving, template) if m is not None]
+    if not mats:
+        return None
+    out = np.eye(4)
+    for m in mats:  # moving first, then template
+        out = m @ out
+    return out

@@ -33,7 +33,7 @@ from bids_mcsr.benchmark.simulate import simulate_acquisition
 from bids_mcsr.resample import resample_to_grid
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "icbm2009c"
-SIZES = {"small": (96, 112, 96), "paper": (160, 224, 160)}
+SIZES = {"quick": (48, 56, 48), "small": (96, 112, 96), "paper": (160, 224, 160)}
 FACTORS = {"T1w": (1, 1, 4), "T2w": (4, 1, 1)}
 
 

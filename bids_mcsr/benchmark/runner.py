@@ -1,14 +1,17 @@
 """Run the app's CLI in a child process, as a user would, and measure it.
 
-Each run is its own child process; ``os.wait4`` returns that child's own
-resource usage, so ``ru_maxrss`` is the peak RSS of exactly this run (the
-largest of the child and any descendants it waited for) and not a maximum over
-every child the benchmark ever started, as ``getrusage(RUSAGE_CHILDREN)`` would be.
+Linux carries ``ru_maxrss`` across ``fork``/``exec``: a child started directly by
+the (large) benchmark process would report at least the benchmark's own RSS. So
+each run goes through a tiny launcher interpreter that spawns the command and
+reports, via ``os.wait4``, the peak RSS of exactly that command (the largest of
+it and any descendants it waited for).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,30 +43,45 @@ class ChildRun:
     log: Path
 
 
+#: Spawns argv[2:], waits, writes {"maxrss_kib": ...} to argv[1], exits with its code.
+_LAUNCHER = """
+import json, os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    json.dump({"maxrss_kib": usage.ru_maxrss}, fh)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_child(cmd: Sequence[str], log: Path, timeout_s: float | None = None) -> ChildRun:
     """Run ``cmd`` with stdout+stderr to ``log``; measure wall time and peak RSS.
 
-    A child still running after ``timeout_s`` is killed (SIGKILL) and reported
-    with return code -9.
+    A child still running after ``timeout_s`` is killed (SIGKILL, its whole
+    process group) and reported with return code -9.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
+    usage_file = log.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
+    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_file), *cmd]
     with open(log, "wb") as fh:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if timeout_s is not None and time.perf_counter() - start > timeout_s:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
+        proc = subprocess.Popen(
+            launcher, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = -9
         wall = time.perf_counter() - start
-    # Tell Popen the child is reaped so its destructor does not wait again.
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    maxrss_kib = 0.0
+    if usage_file.is_file():
+        maxrss_kib = float(json.loads(usage_file.read_text())["maxrss_kib"])
     # Linux reports ru_maxrss in KiB.
-    return ChildRun(proc.returncode, wall, usage.ru_maxrss / 1024, log)
+    return ChildRun(returncode, wall, maxrss_kib / 1024, log)
 
 
 def app_command(

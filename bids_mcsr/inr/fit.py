@@ -515,19 +515,41 @@ def _lr_factor(cfg: Preset, steps_per_epoch: int):
 # --------------------------------------------------------------------------- training
 
 
-def _epoch_order(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
-    """Sample indices of one epoch in random order (CPU generator, then moved to the device)."""
+def _epoch_pool(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
+    """The sample indices one epoch draws from (CPU): every LR voxel, or the masked mix."""
     n = len(ts.targets)
     if cfg.foreground_fraction is None:
-        return torch.randperm(n, generator=gen).to(ts.targets.device)
+        return torch.arange(n)
     fg = torch.nonzero(ts.foreground.cpu()).squeeze(1)
     bg = torch.nonzero(~ts.foreground.cpu()).squeeze(1)
     # All foreground voxels plus enough background ones to make up (1 - f) of the epoch.
     n_bg = min(
         len(bg), int(round(len(fg) * (1 - cfg.foreground_fraction) / cfg.foreground_fraction))
     )
-    chosen = torch.cat([fg, bg[torch.randperm(len(bg), generator=gen)[:n_bg]]])
-    return chosen[torch.randperm(len(chosen), generator=gen)].to(ts.targets.device)
+    return torch.cat([fg, bg[torch.randperm(len(bg), generator=gen)[:n_bg]]])
+
+
+def epoch_length(pool_size: int, cfg: Preset) -> int:
+    """Samples per epoch: the pool once, or ``min_steps_per_epoch`` full batches if more.
+
+    A small volume (a phantom, a cropped demo) has too few LR voxels for the number
+    of optimiser steps a preset is tuned for; its epochs then revisit the voxels.
+    """
+    return max(pool_size, cfg.min_steps_per_epoch * cfg.batch_size)
+
+
+def _epoch_order(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
+    """Sample indices of one epoch in random order (CPU generator, then moved to the device).
+
+    When ``epoch_length`` exceeds the pool, the epoch is whole random permutations
+    of the pool back to back (the last one cut), so every voxel is drawn equally
+    often to within one.
+    """
+    pool = _epoch_pool(ts, cfg, gen)
+    length = epoch_length(len(pool), cfg)
+    reps = math.ceil(length / len(pool))
+    order = torch.cat([pool[torch.randperm(len(pool), generator=gen)] for _ in range(reps)])
+    return order[:length].to(ts.targets.device)
 
 
 def _train(
@@ -536,8 +558,8 @@ def _train(
     n_out = len(names)
     k = cfg.profile_samples
     opt = _optimizer(fld, cfg)
-    epoch_len = len(_epoch_order(ts, cfg, torch.Generator().manual_seed(0)))
-    steps = max(1, math.ceil(epoch_len / cfg.batch_size))
+    pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
+    steps = max(1, math.ceil(epoch_length(pool_size, cfg) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
     rule = mi_mod.PlateauRule(cfg.min_epochs, cfg.patience, cfg.window, cfg.rel_tol)
     monitor = cfg.early_stopping and n_out >= 2

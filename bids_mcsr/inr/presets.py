@@ -32,6 +32,9 @@ class Preset:
     head_layers: int = 1
     # --- optimisation (Adam) ---
     batch_size: int = 1000  # LR voxels per step, all contrasts mixed
+    # an epoch draws max(pool, min_steps_per_epoch * batch_size) samples, revisiting
+    # voxels when the volume is small (fit.epoch_length); 0 = every voxel once
+    min_steps_per_epoch: int = 0
     lr: float = 1e-3
     epochs: int = 20  # maximum; MI early stopping may end sooner
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -173,6 +176,7 @@ def validate(p: Preset) -> None:
     """Raise ``ValueError`` for an inconsistent preset."""
     checks = [
         (p.batch_size >= 1, "batch_size must be >= 1"),
+        (p.min_steps_per_epoch >= 0, "min_steps_per_epoch must be >= 0"),
         (p.lr > 0, "lr must be > 0"),
         (p.epochs >= 1, "epochs must be >= 1"),
         (p.trunk_width >= 1 and p.trunk_layers >= 1, "trunk_width and trunk_layers must be >= 1"),
