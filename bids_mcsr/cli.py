@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +32,9 @@ from .errors import (
 log = logging.getLogger("bids_mcsr")
 
 OUTPUT_SPACES = ("native", "MNI152NLin2009cAsym")
+
+#: A BIDS label: letters and digits only (no path characters, no ``_``/``-``).
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,19 +236,38 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
+def check_labels(args: argparse.Namespace) -> None:
+    """Participant/session labels must be BIDS labels: they become parts of output paths."""
+    for option, prefix in (("--participant_label", "sub-"), ("--session_label", "ses-")):
+        for label in getattr(args, option.lstrip("-")) or []:
+            if not _LABEL_RE.match(label.removeprefix(prefix)):
+                raise UsageError(
+                    f"{option} {label!r}: not a BIDS label (letters and digits only); "
+                    f"fix: give the label of a {prefix}<label> folder, e.g. {prefix}01 or 01"
+                )
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """Validate bids_dir and keep every path we write out of it (bids_dir stays read-only)."""
+    check_labels(args)
     bids_dir = args.bids_dir.resolve()
     if not bids_dir.is_dir():
         raise DatasetError(f"bids_dir {args.bids_dir}: no such directory")
-    if (
-        args.analysis_level == "participant"
-        and not (bids_dir / "dataset_description.json").is_file()
-    ):
-        raise DatasetError(
-            f"{args.bids_dir}: no dataset_description.json, not a BIDS dataset root; "
-            "fix: point bids_dir at the folder holding dataset_description.json"
-        )
+    if args.analysis_level == "participant":
+        description = bids_dir / "dataset_description.json"
+        if not description.is_file():
+            raise DatasetError(
+                f"{args.bids_dir}: no dataset_description.json, not a BIDS dataset root; "
+                "fix: point bids_dir at the folder holding dataset_description.json"
+            )
+        try:
+            if not isinstance(json.loads(description.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise DatasetError(
+                f"{description}: not a valid JSON object ({exc}); fix: repair it "
+                '(at least {"Name": "...", "BIDSVersion": "1.9.0"})'
+            ) from None
     writable = {
         "output_dir": args.output_dir,
         "--work-dir": args.work_dir,

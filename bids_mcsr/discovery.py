@@ -22,8 +22,12 @@ Selection rule (deterministic; README "Usage"):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,25 +129,79 @@ def classify(path: Path, metadata: dict | None = None) -> Candidate:
     return cand
 
 
+_JSON_ERROR_RE = re.compile(r"decode JSON from file <\w+ filename='([^']+)'>")
+
+
+def _index(bids_dir: Path, database_dir: Path | None):
+    """pybids layout of ``bids_dir``; an invalid JSON sidecar costs only the metadata index.
+
+    pybids gives up on the whole dataset for one unparsable sidecar; then the
+    files are indexed without metadata (each image's own sidecar is read by
+    :func:`own_sidecar`) and the broken file is named in a warning.
+    """
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    kwargs: dict = {"validate": False}
+    if database_dir is not None:
+        kwargs["database_path"] = str(database_dir)
+    try:
+        return BIDSLayout(str(bids_dir), **kwargs)
+    except OSError as exc:
+        bad = _JSON_ERROR_RE.search(str(exc))
+        if bad is None:
+            raise
+        log.warning(
+            "%s: not valid JSON; fix: repair or remove it (its metadata is ignored)", bad.group(1)
+        )
+    return BIDSLayout(str(bids_dir), indexer=BIDSLayoutIndexer(index_metadata=False), **kwargs)
+
+
 def open_layout(bids_dir: Path, database_dir: Path | None = None):
     """Index ``bids_dir`` with pybids without validating and without writing into it.
 
     ``database_dir`` (``--bids-database-dir``) keeps the index for later runs;
-    without it the index lives in memory for this process only.
+    without it the index lives in memory for this process only. The index is
+    built in a private temporary folder beside ``database_dir`` and renamed
+    into place, so participant processes started together never write the same
+    SQLite file: one publishes its index, the others only read it afterwards.
     """
-    from bids import BIDSLayout
-
-    kwargs = {"validate": False}
-    if database_dir is not None:
-        Path(database_dir).mkdir(parents=True, exist_ok=True)
-        kwargs["database_path"] = str(database_dir)
     try:
-        return BIDSLayout(str(bids_dir), **kwargs)
+        if database_dir is None:
+            return _index(bids_dir, None)
+        db = Path(database_dir)
+        if not (db / "layout_index.sqlite").is_file():
+            db.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{db.name}.", dir=db.parent))
+            try:
+                _index(bids_dir, tmp)
+                os.rename(tmp, db)  # fails when another process published first
+            except OSError:
+                if not (db / "layout_index.sqlite").is_file():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return _index(bids_dir, db)
     except Exception as exc:  # pybids raises many types for a broken tree
         raise DatasetError(
             f"{bids_dir}: cannot be indexed as a BIDS dataset ({exc}); fix: check that it "
             "has a dataset_description.json and sub-<label>/ folders"
         ) from None
+
+
+def own_sidecar(image: Path) -> dict:
+    """The JSON sidecar beside ``image`` (same name, ``.json``), {} when absent or invalid.
+
+    An invalid file is named in a warning; it never stops the image from being used.
+    """
+    path = Path(str(image).removesuffix(".gz").removesuffix(".nii") + ".json")
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not valid JSON (%s); fix: repair or remove it (ignored)", path, exc)
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def find_jobs(
@@ -186,6 +244,7 @@ def find_jobs(
                 meta = layout.get_metadata(f.path)
             except Exception:  # an unreadable sidecar must not hide the image
                 meta = {}
+            meta = meta or own_sidecar(Path(f.path))
             cand = classify(Path(f.path), meta)
             by_session.setdefault(cand.entities.get("ses"), []).append(cand)
         for ses in sorted(by_session, key=lambda s: s or ""):

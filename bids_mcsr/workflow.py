@@ -25,16 +25,20 @@ import numpy as np
 from . import derivatives, masks, qc
 from .discovery import Candidate, Job, select_contrasts, summarise
 from .errors import ParticipantError
-from .geometry import compose, output_grid, voxel_sizes
+from .geometry import compose, corners_world, output_grid, voxel_sizes
 from .images import Image, load_image
 from .report.participant import ContrastEntry, report_path, write_participant_report
 from .resample import resample_to_grid
 
 log = logging.getLogger(__name__)
 
-#: Output spaces the participant level can write (``--output-space``). A template
-#: space is added here together with the step that maps the outputs into it.
-SUPPORTED_SPACES = ("native",)
+#: Output spaces the participant level can write (``--output-space``): the
+#: reference's own grid, or a template (``templates.template_space``).
+SUPPORTED_SPACES = ("native", "MNI152NLin2009cAsym")
+
+#: Below this fraction of the smaller field of view shared with the reference,
+#: an input is fused with a warning (only the shared part has two views).
+MIN_OVERLAP_FRACTION = 0.5
 
 
 @dataclass
@@ -181,6 +185,48 @@ def write_transforms(
         written.append(save_transform(path, t))
         registration["Inputs"][c.path.name]["TransformFile"] = path.name
     return written
+
+
+def fov_overlap(shape_a, affine_a, shape_b, affine_b) -> float:
+    """Fraction of the smaller of two fields of view that lies in both (0..1).
+
+    Measured on the world-axis bounding boxes of the voxel-centre grids (RAS mm),
+    so it is exact for axis-aligned scans and approximate for oblique ones.
+    """
+
+    def box(shape, affine):
+        pts = corners_world(shape, affine)
+        return pts.min(axis=0), pts.max(axis=0)
+
+    (lo_a, hi_a), (lo_b, hi_b) = box(shape_a, affine_a), box(shape_b, affine_b)
+    inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None).prod()
+    smaller = min((hi_a - lo_a).prod(), (hi_b - lo_b).prod())
+    return float(inter / smaller) if smaller > 0 else 0.0
+
+
+def check_overlap(images: list[Image], affines: list[np.ndarray]) -> None:
+    """Refuse inputs that share no field of view with the reference; warn when little.
+
+    ``affines`` are in the reference world (header affines before registration,
+    which starts from them). Raises ParticipantError naming the file.
+    """
+    ref = images[0]
+    for img, aff in zip(images[1:], affines[1:], strict=True):
+        frac = fov_overlap(ref.shape, affines[0], img.shape, aff)
+        if frac <= 0:
+            raise ParticipantError(
+                f"{img.path}: its field of view does not overlap {ref.path.name} in world "
+                "coordinates, so the scans cannot be fused; fix: check both headers' "
+                "qform/sform (a wrong origin?) or choose other contrasts with --contrasts"
+            )
+        if frac < MIN_OVERLAP_FRACTION:
+            log.warning(
+                "%s: only %.0f%% of its field of view overlaps %s; outside the overlap "
+                "each output comes from one contrast alone",
+                img.path,
+                100 * frac,
+                ref.path.name,
+            )
 
 
 def effective_affines(images: list[Image], transforms: list[np.ndarray | None]) -> list[np.ndarray]:
@@ -334,15 +380,23 @@ def write_outputs(
     bids_dir: Path,
     out_dir: Path,
     provenance: dict | None = None,
+    space=None,
 ) -> list[Path]:
     """Write every image, then QC it, then write the sidecars (last, so a sidecar's
     presence means its image is complete), then the participant report
     (``provenance``: extra rows for its provenance table). Returns the written
-    images and sidecars."""
+    images and sidecars.
+
+    ``transforms`` map each input's world to the output world (for a template
+    ``space``, a ``templates.TemplateSpace``, the template step is included);
+    ``space`` adds ``space-<name>`` to the names and ``SpatialReference`` to the
+    sidecars."""
+    space_name = space.name if space is not None else None
+    extra_meta = {"SpatialReference": space.spatial_reference} if space is not None else {}
     written = []
     pending = []
     for c, img, t, m in zip(chosen, images, transforms, in_masks, strict=True):
-        nii, js = derivatives.output_paths(out_dir, job.subject, job.session, c)
+        nii, js = derivatives.output_paths(out_dir, job.subject, job.session, c, space_name)
         vol = fit.volumes[c.label]
         derivatives.atomic_write_nifti(nii, vol, out_affine)
         qc_obj, cons = qc.assess(vol, out_affine, img.data, img.affine, t, m, out_mask)
@@ -360,7 +414,7 @@ def write_outputs(
             out_shape,
             fit.sr_fields,
             skull_stripped,
-            extra={"QC": qc_obj},
+            extra={**extra_meta, "QC": qc_obj},
         )
         written.append(derivatives.atomic_write_json(js, meta))
         entries.append(
@@ -400,6 +454,47 @@ def write_report(job: Job, entries: list[ContrastEntry], provenance: dict, out_d
         log.info("%s: report %s", job.name, path)
 
 
+def template_step(ref: Image, ref_mask: np.ndarray, skull_stripped: bool, resolution: float, opts):
+    """Rigid alignment of the reference to ``opts.output_space`` (``templates.template_space``).
+
+    Returns the ``TemplateSpace`` (reference world -> template world transform
+    and the output grid on the template's field of view at ``resolution`` mm).
+    A missing template or a failed alignment fails the participant with one line.
+    """
+    from .templates import template_space
+
+    try:
+        space = template_space(
+            ref.data,
+            ref.affine,
+            opts.output_space,
+            resolution,
+            ref_mask=ref_mask,
+            skull_stripped=skull_stripped,
+            seed=opts.seed,
+        )
+    except ValueError as exc:
+        raise ParticipantError(
+            f"{exc}; fix: pre-fetch the template into TEMPLATEFLOW_HOME or use --output-space native"
+        ) from None
+    except RuntimeError as exc:  # ITK: no overlap with the template, ...
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ParticipantError(
+            f"{ref.path}: rigid alignment to {opts.output_space} failed ({first}); fix: check "
+            "that the reference contrast is a head scan, or use --output-space native"
+        ) from None
+    log.info("aligned %s to %s (%s)", ref.path.name, space.name, space.source)
+    return space
+
+
+def template_record(space) -> dict:
+    """The sidecar's ``Registration.Template``: space, template file and the 4x4 ``Matrix``
+    (reference world -> template world, RAS mm) with its rotation/translation summary."""
+    from .registration import transform_summary
+
+    return {"Space": space.name, "Source": space.source, **transform_summary(space.transform)}
+
+
 # -- the chain -----------------------------------------------------------------------
 
 
@@ -420,39 +515,56 @@ def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult
     except McsrError as exc:
         return JobResult(job, "failed", message=str(exc))
 
-    expected = derivatives.expected_outputs(out_dir, job.subject, job.session, chosen)
+    space = None if opts.output_space == "native" else opts.output_space
+    expected = derivatives.expected_outputs(out_dir, job.subject, job.session, chosen, space)
     if not opts.overwrite and derivatives.is_complete(expected):
         return JobResult(job, "complete", outputs=expected, message="outputs exist")
 
     log.info("%s: fusing %s", job.name, summarise(chosen))
+    # A run killed between writing and renaming leaves hidden temporary files;
+    # this job's folder and report name belong to this job alone.
+    folder = derivatives.anat_dir(out_dir, job.subject, job.session)
+    derivatives.remove_stale_temps(folder)
+    derivatives.remove_stale_temps(out_dir, report_path(out_dir, job.subject, job.session).stem)
+    message = ""
     try:
         outputs = _process(job, chosen, bids_dir, out_dir, opts)
     except McsrError as exc:
-        return JobResult(job, "failed", message=str(exc), seconds=time.perf_counter() - start)
+        message = str(exc)
     except MemoryError:
-        return JobResult(
-            job,
-            "failed",
-            message=f"{job.name}: out of memory; fix: use a "
-            "coarser --resolution or a machine with more RAM",
-            seconds=time.perf_counter() - start,
-        )
+        message = f"{job.name}: out of memory; fix: a coarser --resolution or more RAM"
     except Exception as exc:  # one participant's crash must not stop the others
         log.debug("%s: traceback", job.name, exc_info=True)
-        return JobResult(
-            job,
-            "failed",
-            message=f"{job.name}: unexpected {type(exc).__name__}: {exc} (rerun with --verbose "
-            "for the traceback and report it)",
-            seconds=time.perf_counter() - start,
+        message = (
+            f"{job.name}: unexpected {type(exc).__name__}: {exc} (rerun with --verbose "
+            "for the traceback and report it)"
         )
-    return JobResult(job, "done", outputs=outputs, seconds=time.perf_counter() - start)
+    else:
+        return JobResult(job, "done", outputs=outputs, seconds=time.perf_counter() - start)
+    remove_partial_outputs(job, expected, out_dir)
+    return JobResult(job, "failed", message=message, seconds=time.perf_counter() - start)
+
+
+def remove_partial_outputs(job: Job, expected: list[Path], out_dir: Path) -> None:
+    """After a failure, delete what the job may have written: its outputs (images,
+    sidecars), transform files and report, so it has either all outputs or none."""
+    folder = derivatives.anat_dir(out_dir, job.subject, job.session)
+    doomed = [*expected, report_path(out_dir, job.subject, job.session)]
+    if folder.is_dir():
+        prefix = f"sub-{job.subject}" + (f"_ses-{job.session}" if job.session else "")
+        doomed += folder.glob(f"{prefix}_from-*_xfm.txt")
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    for d in (folder, folder.parent, folder.parent.parent):  # empty anat/, ses-/, sub-/
+        if d != Path(out_dir) and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _process(
     job: Job, chosen: list[Candidate], bids_dir: Path, out_dir: Path, opts: Options
 ) -> list[Path]:
     images = load_inputs(chosen)
+    check_overlap(images, [img.affine for img in images])
     fg = auto_masks(images)
     transforms, registration = register_inputs(images, fg, opts)
     affines = effective_affines(images, transforms)
@@ -462,6 +574,16 @@ def _process(
         for img, m in zip(images, in_masks, strict=True)
     )
     out_shape, out_affine, resolution = output_grid_for(images, affines, opts.resolution)
+    space = None
+    fit_transforms = transforms
+    if opts.output_space != "native":
+        space = template_step(images[0], in_masks[0], skull_stripped, resolution, opts)
+        # The fit and QC map every input straight into the template world; the
+        # transform files and Registration.Inputs keep the plain registration.
+        fit_transforms = [space.transform if t is None else space.transform @ t for t in transforms]
+        affines = effective_affines(images, fit_transforms)
+        out_shape, out_affine = space.shape, space.affine
+        registration["Template"] = template_record(space)
     out_mask = masks.output_mask(list(zip(in_masks, affines, strict=True)), out_shape, out_affine)
     log.info(
         "%s: output grid %s at %g mm (%.1f M voxels)",
@@ -474,7 +596,15 @@ def _process(
         fit = fit_spline(chosen, images, affines, out_shape, out_affine, resolution, opts)
     else:
         fit = fit_inr(
-            chosen, images, transforms, in_masks, out_shape, out_affine, out_mask, resolution, opts
+            chosen,
+            images,
+            fit_transforms,
+            in_masks,
+            out_shape,
+            out_affine,
+            out_mask,
+            resolution,
+            opts,
         )
     xfm_files = write_transforms(job, chosen, transforms, registration, out_dir)
     fit.sr_fields["Registration"] = registration
@@ -482,7 +612,7 @@ def _process(
         job,
         chosen,
         images,
-        transforms,
+        fit_transforms,
         in_masks,
         fit,
         out_shape,
@@ -493,4 +623,5 @@ def _process(
         bids_dir,
         out_dir,
         provenance={"options": asdict(opts), "command": " ".join(sys.argv)},
+        space=space,
     )

@@ -89,7 +89,7 @@ def test_bidsignore_merges(tmp_path):
     derivatives.ensure_bidsignore(tmp_path, derivatives.BIDSIGNORE_PATTERNS)
     derivatives.ensure_bidsignore(tmp_path, derivatives.BIDSIGNORE_PATTERNS)
     lines = (tmp_path / ".bidsignore").read_text().splitlines()
-    assert lines == ["extra/", "*.html", "figures/", "group_qc.tsv", "logs/"]
+    assert lines == ["extra/", "*.html", "figures/", "group_qc.tsv", "logs/", "*_xfm.txt"]
 
 
 def test_dataset_description(tmp_path, monkeypatch):

@@ -190,9 +190,10 @@ def test_entry_from_files_reads_the_registration_transform(tmp_path):
     entry = make_entries()[1]
     transform = np.eye(4)
     transform[:3, 3] = [1.0, -2.0, 0.5]
+    # Written by the workflow: Registration.Inputs keyed by the input's file name.
     entry.sidecar["SuperResolution"]["Registration"] = {
-        "Method": "rigid-mi",
-        "Transforms": {"T2w": transform.tolist()},
+        "Method": "rigid-mattes-mi",
+        "Inputs": {"sub-01_T2w.nii.gz": {"Matrix": transform.tolist()}},
     }
     inp = tmp_path / "sub-01_T2w.nii.gz"
     out = tmp_path / "sub-01_desc-superres_T2w.nii.gz"

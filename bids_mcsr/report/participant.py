@@ -58,15 +58,18 @@ class ContrastEntry:
     def from_files(cls, input_path: Path, output_path: Path) -> ContrastEntry:
         """Entry from an input NIfTI and an output NIfTI with its ``.json`` sidecar beside it.
 
-        The registration transform is read from the sidecar
-        (``SuperResolution.Registration.Transforms[<contrast>]``).
+        The input's transform into the output world is read from the sidecar
+        by :func:`bids_mcsr.derivatives.input_transform` (registration
+        ``Inputs[<input file name>].Matrix``, then ``Template.Matrix``).
         """
+        from ..derivatives import input_transform
+
         output_path = Path(output_path)
         sidecar_path = Path(str(output_path).removesuffix(".nii.gz").removesuffix(".nii") + ".json")
         meta = json.loads(sidecar_path.read_text())
         sr = meta.get("SuperResolution", {})
         label = sr.get("Contrast") or output_path.name.split(".")[0].rsplit("_", 1)[-1]
-        transform = sr.get("Registration", {}).get("Transforms", {}).get(label)
+        transform = input_transform(meta, Path(input_path).name)
         inp = nib.load(str(input_path))
         out = nib.load(str(output_path))
         return cls(
@@ -76,7 +79,7 @@ class ContrastEntry:
             output_data=np.asarray(out.dataobj, dtype=np.float32),
             output_affine=out.affine,
             sidecar=meta,
-            transform=None if transform is None else np.asarray(transform, dtype=float),
+            transform=transform,
             input_name=Path(input_path).name,
             output_name=output_path.name,
         )
