@@ -76,15 +76,19 @@ def resample_to_grid(
     return out.reshape(tuple(out_shape[:3]))
 
 
-def profile_offsets(lr_affine: np.ndarray, axis: int, n: int) -> np.ndarray:
+def profile_offsets(
+    lr_affine: np.ndarray, axis: int, n: int, thickness: float | None = None
+) -> np.ndarray:
     """World displacements ``(n, 3)`` mm spreading a box slice profile.
 
-    The slice of thickness ``t`` (the spacing along voxel ``axis``) is split into
-    ``n`` equal parts; the offsets are their midpoints relative to the slice
+    The slice of ``thickness`` mm (None: the spacing along voxel ``axis``) is split
+    into ``n`` equal parts; the offsets are their midpoints relative to the slice
     centre, along the slice direction in world space.
     """
     col = np.asarray(lr_affine, dtype=float)[:3, axis]
-    t = (np.arange(n) + 0.5) / n - 0.5  # fractions of one voxel step
+    t = (np.arange(n) + 0.5) / n - 0.5  # fractions of the thickness
+    if thickness is not None:
+        col = col * (thickness / np.linalg.norm(col))
     return t[:, None] * col[None, :]
 
 

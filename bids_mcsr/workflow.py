@@ -273,6 +273,32 @@ def output_grid_for(
     return shape, affine, float(resolution)
 
 
+def sidecar_slice_thickness(cand: Candidate, img: Image) -> float | None:
+    """The sidecar's ``SliceThickness`` (mm) for the engine's slice profile, or None.
+
+    None (the engine then uses the spacing along the slice axis) when the sidecar
+    has none, or, with a warning, when it is implausible: not a number > 0 and
+    <= 2x that spacing (a thickness far beyond the spacing is a header mistake
+    more often than real overlapping slices).
+    """
+    value = cand.metadata.get("SliceThickness")
+    if value is None:
+        return None
+    spacing = float(voxel_sizes(img.affine).max())
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 2 * spacing:
+        return float(value)
+    log.warning(
+        "%s: sidecar SliceThickness %r is not in (0, %.3g] mm (2x the %.3g mm slice "
+        "spacing); using the spacing as the slice thickness. Fix the sidecar if the "
+        "scan's slices really are thicker or thinner",
+        img.path,
+        value,
+        2 * spacing,
+        spacing,
+    )
+    return None
+
+
 def fit_inr(
     chosen: list[Candidate],
     images: list[Image],
@@ -287,9 +313,12 @@ def fit_inr(
     """Fit the split-head INR (``inr.fit.fit_contrasts``) and sample it on the output grid."""
     from .inr.fit import Contrast, fit_contrasts
 
+    thickness = [sidecar_slice_thickness(c, img) for c, img in zip(chosen, images, strict=True)]
     contrasts = [
-        Contrast(name=c.label, data=img.data, affine=img.affine, transform=t, mask=m)
-        for c, img, t, m in zip(chosen, images, transforms, in_masks, strict=True)
+        Contrast(
+            name=c.label, data=img.data, affine=img.affine, transform=t, mask=m, slice_thickness=st
+        )
+        for c, img, t, m, st in zip(chosen, images, transforms, in_masks, thickness, strict=True)
     ]
     try:
         res = fit_contrasts(
@@ -308,6 +337,8 @@ def fit_inr(
     except (ValueError, KeyError) as exc:
         # Invalid preset overrides or an unusable device are the user's to fix.
         raise ParticipantError(f"engine rejected the settings: {exc}") from None
+    for entry, st in zip(res.config["contrasts"], thickness, strict=True):
+        entry["slice_thickness_source"] = "spacing" if st is None else "SliceThickness"
     fields = derivatives.super_resolution_fields(
         method="inr",
         preset=opts.preset,
@@ -525,7 +556,9 @@ def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult
     # this job's folder and report name belong to this job alone.
     folder = derivatives.anat_dir(out_dir, job.subject, job.session)
     derivatives.remove_stale_temps(folder)
-    derivatives.remove_stale_temps(out_dir, report_path(out_dir, job.subject, job.session).stem)
+    # (the trailing dot keeps sub-01 from matching sub-010's files)
+    report_stem = report_path(out_dir, job.subject, job.session).stem
+    derivatives.remove_stale_temps(out_dir, report_stem + ".")
     message = ""
     try:
         outputs = _process(job, chosen, bids_dir, out_dir, opts)

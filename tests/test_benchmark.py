@@ -130,7 +130,7 @@ def test_write_case_dataset_layout_and_sidecars(tmp_path):
     flair = nib.load(str(paths["FLAIR"]))
     assert flair.shape == (16, 3, 8)
     side = json.loads(t1.with_name("sub-toy_ce-gadolinium_T1w.json").read_text())
-    assert side["SliceThickness"] == 4.0
+    assert side["SliceThickness"] == 4.0  # profile mode integrates the whole slice
     assert side["Simulation"] == {
         "Mode": "profile",
         "Source": "toy/T1c",
@@ -378,3 +378,12 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
         assert not r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["eps_hat"] >= 0
     assert "| user | profile | sagittal | T1w | spline |" in capsys.readouterr().out
+
+
+def test_paper_mode_sidecar_states_a_thin_slice(tmp_path):
+    # Point samples at slice centres: physically slices one HR voxel thick.
+    case = _toy_case()
+    paths = write_case_dataset(case, tmp_path, "paper", "coronal")
+    for path in paths.values():
+        side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        assert side["SliceThickness"] == 1.0 and side["Simulation"]["Mode"] == "paper"

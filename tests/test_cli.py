@@ -181,14 +181,26 @@ def test_cuda_without_gpu_exits_64(bids, tmp_path, capsys):
     assert "--device cuda" in _err(capsys)
 
 
-def test_unsupported_output_space_exits_64(bids, tmp_path, capsys):
-    from bids_mcsr.workflow import SUPPORTED_SPACES
-
-    if "MNI152NLin2009cAsym" in SUPPORTED_SPACES:
-        pytest.skip("template space is supported in this build")
-    argv = [str(bids), str(tmp_path / "o"), "participant", "--output-space", "MNI152NLin2009cAsym"]
+def test_unknown_output_space_exits_64(bids, tmp_path, capsys):
+    argv = [str(bids), str(tmp_path / "o"), "participant", "--output-space", "MNI305"]
     assert main([*argv, *FAST]) == 64
-    assert "--output-space MNI152NLin2009cAsym: not available" in _err(capsys)
+    assert "--output-space: invalid choice: 'MNI305'" in _err(capsys)
+
+
+def test_missing_template_fails_the_participant_with_a_fix(bids, tmp_path, capsys, monkeypatch):
+    from bids_mcsr import templates
+
+    def missing(name, **kwargs):
+        raise ValueError(f"--output-space {name}: template not found in /nowhere")
+
+    monkeypatch.setattr(templates, "load_template", missing)
+    out = tmp_path / "o"
+    argv = [str(bids), str(out), "participant", "--output-space", "MNI152NLin2009cAsym"]
+    assert main([*argv, *FAST]) == 1
+    lines = [x for x in _err(capsys).splitlines() if x.startswith("mcsr: error:")]
+    assert len(lines) == 2  # one per participant
+    assert "template not found in /nowhere; fix: pre-fetch the template" in lines[0]
+    assert not (out / "sub-01").exists()
 
 
 def test_user_mask(bids, tmp_path, capsys):

@@ -7,9 +7,11 @@ so each LR image has the in-plane detail the other one lacks.
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from bids_mcsr.inr.fit import Contrast, fit_contrasts
@@ -27,6 +29,8 @@ TINY = {
     "epochs": 2,
     "mi_samples": 4000,
     "profile_samples": 4,
+    "min_steps_per_epoch": 0,  # every LR voxel once per epoch (the tests count them)
+    "smoothness": 0.0,
 }
 
 
@@ -221,3 +225,63 @@ def test_bad_contrasts_raise():
         )
     with pytest.raises(ValueError, match="NaN"):
         fit_contrasts([good, Contrast("B", data * np.nan, np.eye(4))], (4, 4, 4), np.eye(4))
+
+
+def test_slice_thickness_scales_the_profile_points_and_offsets():
+    from bids_mcsr.geometry import CoordinateNormaliser
+    from bids_mcsr.inr.fit import _training_set, profile_points, slice_thickness
+    from bids_mcsr.inr.presets import resolve
+
+    aff = lr_affine(2)  # 1 x 1 x 4 mm
+    base = Contrast("A", np.ones((8, 8, 2), np.float32), aff)
+    assert slice_thickness(base) == 4.0 and profile_points(base, 4) == 4
+    points = {t: profile_points(replace(base, slice_thickness=t), 4) for t in (1.0, 0.5, 2.0, 6.0)}
+    assert points == {1.0: 1, 0.5: 1, 2.0: 2, 6.0: 6}
+    norm = CoordinateNormaliser(centre=np.zeros(3), half_extent=10.0)
+    ts = _training_set(
+        [replace(base, slice_thickness=2.0), replace(base, name="B", slice_thickness=1.0)],
+        [aff, aff],
+        [(0.0, 1.0), (0.0, 1.0)],
+        resolve("fast"),
+        norm,
+        torch.device("cpu"),
+    )
+    # Two points at -0.5 and +0.5 mm along z (normalised by 10 mm) for the 2 mm
+    # slice; the 1 mm slice is a point sample, so all its offsets are zero.
+    expected = np.array([[0, 0, -0.05], [0, 0, 0.05]], np.float32)
+    np.testing.assert_allclose(ts.offsets[0].numpy(), expected, atol=1e-7)
+    assert not ts.offsets[1].any()
+
+
+def test_slice_thickness_is_validated_and_recorded(phantom):
+    a, b = contrasts(phantom)
+    with pytest.raises(ValueError, match="contrast A: slice_thickness"):
+        fit_contrasts([replace(a, slice_thickness=-1.0), b], (N, N, N), np.eye(4), progress=False)
+    r = fit(phantom, overrides={"epochs": 1})
+    assert [c["slice_thickness_mm"] for c in r.config["contrasts"]] == [4.0, 4.0]
+    assert [c["profile_points"] for c in r.config["contrasts"]] == [4, 4]
+
+
+def test_small_volumes_get_min_steps_per_epoch(phantom):
+    from bids_mcsr.inr.fit import epoch_length
+    from bids_mcsr.inr.presets import resolve
+
+    cfg = resolve("fast", {"batch_size": 100, "min_steps_per_epoch": 50})
+    assert epoch_length(1000, cfg) == 5000 and epoch_length(9000, cfg) == 9000
+    n_lr = 2 * N * N * N // 4
+    r = fit(phantom, overrides={"epochs": 1, "batch_size": 512, "min_steps_per_epoch": 40})
+    assert r.config["samples_per_epoch"] == max(n_lr, 40 * 512) == 20480
+    r = fit(phantom, overrides={"epochs": 1, "min_steps_per_epoch": 0})
+    assert r.config["samples_per_epoch"] == n_lr
+
+
+def test_smoothness_prior_makes_the_field_smoother(phantom):
+    def roughness(vol):
+        return float(np.mean(np.diff(vol, axis=2) ** 2))
+
+    plain = fit(phantom, overrides={"epochs": 2})
+    smooth = fit(phantom, overrides={"epochs": 2, "smoothness": 10.0})
+    for name in ("A", "B"):
+        assert roughness(smooth.volumes[name]) < roughness(plain.volumes[name])
+    with pytest.raises(ValueError, match="smoothness"):
+        fit(phantom, overrides={"smoothness": -1.0})

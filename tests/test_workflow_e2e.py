@@ -6,8 +6,10 @@ Every test here runs whole participants (fit, QC, report): marked slow.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +19,7 @@ from bidsdata import HR_SHAPE, make_dataset, pair, phantom
 
 from bids_mcsr.cli import main
 from bids_mcsr.discovery import validator_errors
+from bids_mcsr.resample import resample_to_grid
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +141,80 @@ def test_inr_path(tmp_path):
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["epochs_run"] for r in rows] == ["2", "2"]
     assert float(rows[0]["final_mi"]) == pytest.approx(sr["MICurve"]["T1w|FLAIR"][-1], abs=1e-4)
+
+
+def _mni_pair(shift_mm) -> dict[str, bytes]:
+    """A head-sized subject: nilearn's 2 mm MNI152 as a 2x2x6 mm axial T1w and an
+    inverted-contrast 6x2x2 mm sagittal "T2w" (3-voxel block means), both in a
+    scanner world shifted by ``shift_mm`` from the template's."""
+    from nilearn.datasets import load_mni152_template
+
+    mni = load_mni152_template(resolution=2)
+    data = np.asarray(mni.get_fdata(dtype=np.float32))
+    t2 = np.where(data > 0.05 * data.max(), data.max() * 1.2 - data, 0.0)
+    files = {}
+    for name, vol, axis in (("T1w", data, 2), ("T2w", t2, 0)):
+        n = vol.shape[axis] // 3 * 3
+        vol = np.take(vol, range(n), axis=axis)
+        shape = list(vol.shape)
+        shape[axis : axis + 1] = [n // 3, 3]
+        lr = (vol.reshape(shape).mean(axis=axis + 1) * 1000).astype(np.float32)
+        affine = mni.affine.copy()
+        affine[:3, axis] *= 3
+        affine[:3, 3] += mni.affine[:3, axis] + np.asarray(shift_mm)  # block centre, moved
+        img = nib.Nifti1Image(lr, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        files[f"sub-01/anat/sub-01_{name}.nii.gz"] = gzip.compress(img.to_bytes())
+    return files
+
+
+def test_template_space_output(tmp_path, monkeypatch):
+    from bids_mcsr import templates
+    from bids_mcsr.geometry import output_grid
+    from bids_mcsr.report.participant import ContrastEntry
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "templateflow"))  # empty: nilearn
+    space = "MNI152NLin2009cAsym"
+    shift = np.array([10.0, -8.0, 12.0])
+    bids = make_dataset(tmp_path / "bids", _mni_pair(shift))
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "--method", "spline", "--skip_bids_validator"]
+    argv += ["--output-space", space, "--resolution", "4", "--quiet"]
+    assert main(argv) == 0
+    anat = out / "sub-01" / "anat"
+    assert sorted(p.name for p in anat.iterdir()) == [
+        "sub-01_from-T2w_to-T1w_mode-image_xfm.txt",
+        f"sub-01_space-{space}_desc-superres_T1w.json",
+        f"sub-01_space-{space}_desc-superres_T1w.nii.gz",
+        f"sub-01_space-{space}_desc-superres_T2w.json",
+        f"sub-01_space-{space}_desc-superres_T2w.nii.gz",
+    ]
+    meta = json.loads((anat / f"sub-01_space-{space}_desc-superres_T2w.json").read_text())
+    assert meta["SpatialReference"] == f"{space} (approximated by {templates.NILEARN_SOURCE})"
+    reg = meta["SuperResolution"]["Registration"]
+    assert reg["Template"]["Space"] == space
+    # Rigid, and it undoes the scanner shift (the subject is the template itself).
+    to_template = np.asarray(reg["Template"]["Matrix"])
+    assert reg["Template"]["RotationDeg"] < 1.0
+    np.testing.assert_allclose(to_template[:3, 3], -shift, atol=1.5)
+    # The grid covers the template's field of view at 4 mm.
+    tpl = templates.load_template(space)
+    nii = anat / f"sub-01_space-{space}_desc-superres_T1w.nii.gz"
+    img = nib.load(str(nii))
+    shape, affine = output_grid([(tpl.data.shape, tpl.affine)], 4.0)
+    assert img.shape == shape
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    # ... and the output is the template: correlation with it on the same grid.
+    truth = resample_to_grid(tpl.data, tpl.affine, shape, affine, order=1)
+    assert np.corrcoef(img.get_fdata().ravel(), truth.ravel())[0, 1] > 0.9
+    # The report reads the transform the workflow wrote: registration, then template.
+    t2_out = str(nii).replace("_T1w.nii.gz", "_T2w.nii.gz")
+    entry = ContrastEntry.from_files(bids / "sub-01/anat/sub-01_T2w.nii.gz", t2_out)
+    moving = np.asarray(reg["Inputs"]["sub-01_T2w.nii.gz"]["Matrix"])
+    np.testing.assert_allclose(entry.transform, to_template @ moving)
+    assert validator_errors(out) == []
+    # A re-run finds the space- outputs complete and leaves them alone.
+    os.utime(nii, (1_000_000, 1_000_000))
+    assert main(argv) == 0
+    assert nii.stat().st_mtime == 1_000_000

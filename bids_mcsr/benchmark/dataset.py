@@ -9,6 +9,10 @@ Layout (one subject, no sessions)::
 
 Each sidecar has ``SliceThickness`` (mm) and a ``Simulation`` object saying how the
 volume was made (mode, source, down-sampling factors per voxel axis, plane).
+``SliceThickness`` is what the simulated scanner integrated across a slice: the
+coarse slice spacing in ``profile`` mode (box average over the slice), and the HR
+voxel size in ``paper`` mode (cubic point samples at slice centres are physically
+slices as thin as the HR voxel, with gaps between them).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..geometry import voxel_sizes
 from .cases import Case, view_factors
 from .simulate import simulate_acquisition
 
@@ -37,6 +42,13 @@ def _plane(factors: tuple[int, int, int], affine: np.ndarray) -> str:
     axis = int(np.argmax(factors))
     world = int(np.argmax(np.abs(np.asarray(affine)[:3, axis])))
     return ("sagittal", "coronal", "axial")[world]
+
+
+def slice_thickness_mm(lr_affine: np.ndarray, factors: tuple[int, int, int], mode: str) -> float:
+    """Simulated ``SliceThickness`` (mm): the slice spacing (``profile``) or one HR voxel (``paper``)."""
+    axis = int(np.argmax(factors))
+    spacing = float(voxel_sizes(lr_affine)[axis])
+    return spacing if mode == "profile" else spacing / factors[axis]
 
 
 def write_case_dataset(
@@ -74,7 +86,7 @@ def write_case_dataset(
         path = anat / f"{stem}.nii.gz"
         nib.save(img, str(path))
         sidecar = {
-            "SliceThickness": float(thickness),
+            "SliceThickness": slice_thickness_mm(affine, factors, mode),
             "Simulation": {
                 "Mode": mode,
                 "Source": f"{case.name}/{name}",

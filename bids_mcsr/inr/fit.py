@@ -9,10 +9,15 @@
 2. Intensities: per contrast, the ``percentiles`` (default 1st/99th) inside the
    input's mask map to 0 and 1 (no clipping); outputs are mapped back.
 3. Forward model: a training sample is one LR voxel of contrast ``c``; its
-   prediction is the mean of ``field(x)[c]`` over ``profile_samples`` (K) points
-   spread evenly across the voxel's slice thickness along its slice axis (box
-   slice profile, ``resample.profile_offsets``). K=1 is the voxel centre (paper).
-   All B*K points of a batch go through the field in one forward pass.
+   prediction is the mean of ``field(x)[c]`` over K points spread evenly across
+   the voxel's slice thickness along its slice axis (box slice profile,
+   ``resample.profile_offsets``). ``profile_samples`` is K for a slice as thick
+   as the slice spacing; a contrast's ``slice_thickness`` (default: that
+   spacing) scales it, ``K_c = ceil(profile_samples * thickness / spacing)``,
+   and a slice no thicker than the in-plane spacing is a point sample (K_c = 1,
+   the paper's voxel centre). All contrasts use the largest K_c (the thinner
+   slices get denser points), and all B*K points of a batch go through the
+   field in one forward pass.
 4. Loss: sum over contrasts of ``weight_c`` x MSE over that contrast's voxels in
    the batch (paper Eq. 1 with per-contrast means); batches mix the contrasts.
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
@@ -74,6 +79,9 @@ class Contrast:
     transform: np.ndarray | None = None  # (4, 4) world->reference world; None = identity
     mask: np.ndarray | None = None  # (X, Y, Z) bool foreground of this input; None = all
     weight: float = 1.0  # loss weight (alpha, beta of the paper)
+    # mm the scanner integrated across a slice (BIDS SliceThickness); None = the
+    # spacing along the slice axis; <= the in-plane spacing = a point sample
+    slice_thickness: float | None = None
 
 
 @dataclass
@@ -201,7 +209,18 @@ def fit_contrasts(
         for k, (fld, ts) in enumerate(zip(fields, sets, strict=True)):
             label = f"{architecture} {'/'.join(group_names[k])}"
             runs.append(
-                _train(fld, ts, weights[k], group_names[k], cfg, mi_points, gen, label, progress)
+                _train(
+                    fld,
+                    ts,
+                    weights[k],
+                    group_names[k],
+                    cfg,
+                    mi_points,
+                    gen,
+                    label,
+                    progress,
+                    normaliser.half_extent,
+                )
             )
 
         if architecture == "single":
@@ -248,6 +267,8 @@ def fit_contrasts(
                 "intensity_low": float(lo),
                 "intensity_high": float(hi),
                 "slice_axis": geometry.slice_axis(c.affine),
+                "slice_thickness_mm": slice_thickness(c),
+                "profile_points": profile_points(c, cfg.profile_samples),
             }
             for c, (lo, hi) in zip(contrasts, scales, strict=True)
         ],
@@ -305,6 +326,11 @@ def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> t
             raise ValueError(f"contrast {c.name}: mask must have the data's shape and be non-empty")
         if not c.weight >= 0:
             raise ValueError(f"contrast {c.name}: weight must be >= 0, got {c.weight}")
+        if c.slice_thickness is not None and not 0 < c.slice_thickness < np.inf:
+            raise ValueError(
+                f"contrast {c.name}: slice_thickness must be a positive number of mm, "
+                f"got {c.slice_thickness}"
+            )
     shape = tuple(int(n) for n in out_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"out_shape must be 3 positive integers, got {out_shape}")
@@ -330,6 +356,29 @@ def _intensity_scale(c: Contrast, percentiles: tuple[float, float]) -> tuple[flo
     return float(lo), float(hi)
 
 
+def slice_thickness(c: Contrast) -> float:
+    """The slice thickness (mm) the forward model integrates for ``c``."""
+    if c.slice_thickness is not None:
+        return float(c.slice_thickness)
+    return float(geometry.voxel_sizes(c.affine)[geometry.slice_axis(c.affine)])
+
+
+def profile_points(c: Contrast, profile_samples: int) -> int:
+    """K_c: points across ``c``'s slice (1 = point sample at the voxel centre).
+
+    ``profile_samples`` is K for a slice as thick as the slice spacing; a thinner
+    or thicker slice gets proportionally fewer or more, and a slice no thicker
+    than the in-plane spacing is a point sample.
+    """
+    sizes = geometry.voxel_sizes(c.affine)
+    axis = geometry.slice_axis(c.affine)
+    thickness = slice_thickness(c)
+    in_plane = float(np.delete(sizes, axis).max())
+    if thickness <= in_plane * (1 + 1e-6):
+        return 1
+    return max(1, math.ceil(profile_samples * thickness / float(sizes[axis]) - 1e-6))
+
+
 def _groups(contrasts: list[Contrast], architecture: str) -> list[tuple[list[Contrast], list[int]]]:
     """Contrasts learnt by each field: all in one, or one field each for "single"."""
     if architecture == "single":
@@ -349,8 +398,13 @@ def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _
         fg.append(
             np.ones(c.data.size, bool) if c.mask is None else np.asarray(c.mask, bool).ravel()
         )
+    n_points = max(profile_points(c, cfg.profile_samples) for c in contrasts)
+    for c, a in zip(contrasts, affines, strict=True):
         # The slice axis comes from the input's own spacing (a rigid transform keeps it).
-        disp = profile_offsets(a, geometry.slice_axis(c.affine), cfg.profile_samples)
+        if profile_points(c, cfg.profile_samples) == 1:
+            disp = np.zeros((n_points, 3))
+        else:
+            disp = profile_offsets(a, geometry.slice_axis(c.affine), n_points, slice_thickness(c))
         offsets.append(np.asarray(normaliser.scale_mm(disp), dtype=np.float32))
 
     def tensor(parts):
@@ -481,6 +535,7 @@ def _optimizer(fld: nn.Module, cfg: Preset) -> torch.optim.Optimizer:
         {
             "params": [p for p in fld.parameters() if id(p) not in enc_ids],
             "weight_decay": cfg.weight_decay.get("network", 0.0),
+            "lr": cfg.lr if cfg.network_lr is None else cfg.network_lr,
         },
     ]
     # The fused kernel is the same Adam; on CPU it updates a 20 M-cell feature grid
@@ -553,15 +608,25 @@ def _epoch_order(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.T
 
 
 def _train(
-    fld, ts: _TrainingSet, weights, names, cfg: Preset, mi_points, gen, label, progress
+    fld,
+    ts: _TrainingSet,
+    weights,
+    names,
+    cfg: Preset,
+    mi_points,
+    gen,
+    label,
+    progress,
+    half_extent_mm: float,
 ) -> _Trained:
     n_out = len(names)
-    k = cfg.profile_samples
+    k = ts.offsets.shape[1]
     opt = _optimizer(fld, cfg)
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
     steps = max(1, math.ceil(epoch_length(pool_size, cfg) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
     rule = mi_mod.PlateauRule(cfg.min_epochs, cfg.patience, cfg.window, cfg.rel_tol)
+    step_norm = cfg.smoothness_mm / half_extent_mm
     monitor = cfg.early_stopping and n_out >= 2
     out = _Trained(mi_curve={}, loss_curve=[[] for _ in range(n_out)])
     snapshot: dict | None = None
@@ -582,6 +647,8 @@ def _train(
             err = (pred - ts.targets[idx]) ** 2
             n_c = torch.bincount(w, minlength=n_out)
             loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
+            if cfg.smoothness > 0:
+                loss = loss + cfg.smoothness * _smoothness(fld, ts.centres[idx], step_norm, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -612,6 +679,18 @@ def _train(
     if bar is not None:
         bar.close()
     return out
+
+
+def _smoothness(fld, centres: torch.Tensor, step: float, gen: torch.Generator) -> torch.Tensor:
+    """Mean squared change of all outputs over a ``step`` (normalised units) in a random direction.
+
+    Uses the first quarter of ``centres`` (a batch is already in random order).
+    """
+    x = centres[: max(1, len(centres) // 4)]
+    d = torch.randn(x.shape, generator=gen).to(x.device)
+    d = d * (step / d.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    both = fld(torch.cat([x, x + d]))
+    return ((both[: len(x)] - both[len(x) :]) ** 2).mean()
 
 
 def _progress_bar(total: int, label: str):
