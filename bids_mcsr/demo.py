@@ -38,9 +38,9 @@ NOISE = 0.01
 #: T2w-like synthesis: intensity of pure CSF, grey and white matter.
 T2_TISSUE = {"csf": 1000.0, "gm": 600.0, "wm": 350.0}
 #: mcsr options of the demo run (any other argument of the demo is passed on too).
-#: The cropped demo has ~30x fewer voxels than a brain: a smaller batch keeps the
-#: number of optimiser steps per epoch close to what the preset was tuned for.
-DEMO_OPTIONS = ("--override", "batch_size=1024")
+#: None needed: the fast preset shrinks its batch for small volumes such as the
+#: cropped demo (``min_steps_per_epoch``), so it gets enough optimiser steps.
+DEMO_OPTIONS: tuple[str, ...] = ()
 T1_SCALE = 1000.0  # nilearn's template is scaled to [0, 1]; MRI scanners give hundreds
 
 

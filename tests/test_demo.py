@@ -73,6 +73,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert (deriv / "group_qc.tsv").is_file()
     meta = json.loads((deriv / "sub-01/anat/sub-01_desc-superres_T2w.json").read_text())
     assert meta["SuperResolution"]["Seed"] == 3
-    assert meta["SuperResolution"]["Config"]["batch_size"] == 1024
+    # a small volume: the fast preset shrinks its batch (min_steps_per_epoch)
+    assert meta["SuperResolution"]["Config"]["batch_size_used"][0] < 8192
     assert f"derivatives        : {deriv}" in out
     assert "cubic spline" in out

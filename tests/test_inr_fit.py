@@ -262,26 +262,15 @@ def test_slice_thickness_is_validated_and_recorded(phantom):
     assert [c["profile_points"] for c in r.config["contrasts"]] == [4, 4]
 
 
-def test_small_volumes_get_min_steps_per_epoch(phantom):
-    from bids_mcsr.inr.fit import epoch_length
+def test_small_volumes_get_smaller_batches(phantom):
+    from bids_mcsr.inr.fit import batch_size_for
     from bids_mcsr.inr.presets import resolve
 
-    cfg = resolve("fast", {"batch_size": 100, "min_steps_per_epoch": 50})
-    assert epoch_length(1000, cfg) == 5000 and epoch_length(9000, cfg) == 9000
+    cfg = resolve("fast", {"batch_size": 1000, "min_steps_per_epoch": 50, "min_batch_size": 8})
+    # 100k voxels: 100 full batches already; 10k: 200 per step; 100: the floor
+    assert [batch_size_for(n, cfg) for n in (100_000, 10_000, 100)] == [1000, 200, 8]
+    assert batch_size_for(100, resolve("fast", {"min_steps_per_epoch": 0})) == 8192
     n_lr = 2 * N * N * N // 4
-    r = fit(phantom, overrides={"epochs": 1, "batch_size": 512, "min_steps_per_epoch": 40})
-    assert r.config["samples_per_epoch"] == max(n_lr, 40 * 512) == 20480
-    r = fit(phantom, overrides={"epochs": 1, "min_steps_per_epoch": 0})
-    assert r.config["samples_per_epoch"] == n_lr
-
-
-def test_smoothness_prior_makes_the_field_smoother(phantom):
-    def roughness(vol):
-        return float(np.mean(np.diff(vol, axis=2) ** 2))
-
-    plain = fit(phantom, overrides={"epochs": 2})
-    smooth = fit(phantom, overrides={"epochs": 2, "smoothness": 10.0})
-    for name in ("A", "B"):
-        assert roughness(smooth.volumes[name]) < roughness(plain.volumes[name])
-    with pytest.raises(ValueError, match="smoothness"):
-        fit(phantom, overrides={"smoothness": -1.0})
+    r = fit(phantom, overrides={"epochs": 1, "min_steps_per_epoch": 40, "min_batch_size": 64})
+    assert r.config["batch_size_used"] == [-(-n_lr // 40)] == [410]
+    assert r.config["samples_per_epoch"] == n_lr  # every voxel once, whatever the batch

@@ -47,7 +47,7 @@ def main():
     mask = hr["T1w"] > 0
     shape = hr["T1w"].shape
     rows = []
-    for mode in (["paper", "profile"] if args.mode == "both" else [args.mode]):
+    for mode in ["paper", "profile"] if args.mode == "both" else [args.mode]:
         contrasts, splines = [], {}
         for n, f in FACTORS.items():
             lr, laff = simulate_acquisition(hr[n], aff, f, mode)
@@ -55,9 +55,16 @@ def main():
             contrasts.append(Contrast(n, lr, laff, slice_thickness=thick))
             splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
         t0 = time.time()
-        res = fit_contrasts(contrasts, shape, aff, preset=args.preset,
-                            overrides=json.loads(args.overrides), nthreads=args.threads,
-                            progress=args.progress, seed=args.seed)
+        res = fit_contrasts(
+            contrasts,
+            shape,
+            aff,
+            preset=args.preset,
+            overrides=json.loads(args.overrides),
+            nthreads=args.threads,
+            progress=args.progress,
+            seed=args.seed,
+        )
         wall = time.time() - t0
         for n in FACTORS:
             sp_p, sp_s = psnr(splines[n], hr[n], mask), ssim(splines[n], hr[n], mask)
@@ -66,12 +73,20 @@ def main():
                 lr = next(c.data for c in contrasts if c.name == n)
                 vol = vol.clip(lr.min(), lr.max())
             p, s = psnr(vol, hr[n], mask), ssim(vol, hr[n], mask)
-            rows.append((mode, n, sp_p, sp_s, p, s, p - sp_p, wall, res.epochs_run, res.selected_epoch))
+            rows.append(
+                (mode, n, sp_p, sp_s, p, s, p - sp_p, wall, res.epochs_run, res.selected_epoch)
+            )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"# {args.tag} clip={args.clip} size={args.size} preset={args.preset} overrides={args.overrides} threads={args.threads}")
-    print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s | epochs (sel) |")
+    print(
+        f"# {args.tag} clip={args.clip} size={args.size} preset={args.preset} overrides={args.overrides} threads={args.threads}"
+    )
+    print(
+        "| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s | epochs (sel) |"
+    )
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} | {r[8]} ({r[9]}) |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} | {r[8]} ({r[9]}) |"
+        )
     print(f"# peak RSS {rss:.2f} GB")
 
 

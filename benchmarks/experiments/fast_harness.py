@@ -76,8 +76,19 @@ def norm_params(x: np.ndarray) -> tuple[float, float]:
 class GridField(torch.nn.Module):
     """Dense multi-resolution levels over the (padded) output grid + per-voxel MLPs."""
 
-    def __init__(self, shape, n_contrasts, scales=(16, 8, 4, 2), feat=4, fine_feat=4,
-                 width=16, head_width=8, n_cond=0, init=1e-2, latent=0):
+    def __init__(
+        self,
+        shape,
+        n_contrasts,
+        scales=(16, 8, 4, 2),
+        feat=4,
+        fine_feat=4,
+        width=16,
+        head_width=8,
+        n_cond=0,
+        init=1e-2,
+        latent=0,
+    ):
         super().__init__()
         q = max(scales)
         self.q = q
@@ -85,10 +96,14 @@ class GridField(torch.nn.Module):
         self.pshape = tuple(int(np.ceil((n - 1) / q) * q + 1) for n in shape)
         self.scales = scales
         self.levels = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.randn(1, feat, *[(p - 1) // s + 1 for p in self.pshape]) * init)
+            torch.nn.Parameter(
+                torch.randn(1, feat, *[(p - 1) // s + 1 for p in self.pshape]) * init
+            )
             for s in scales
         )
-        self.fine = torch.nn.Parameter(torch.randn(fine_feat, *self.pshape) * init) if fine_feat else None
+        self.fine = (
+            torch.nn.Parameter(torch.randn(fine_feat, *self.pshape) * init) if fine_feat else None
+        )
         cin = feat * len(scales) + fine_feat + n_cond
         # trunk: Linear(cin, width) + ReLU [+ Linear(width, latent) bottleneck]
         if width:
@@ -100,8 +115,11 @@ class GridField(torch.nn.Module):
         self.w1 = torch.nn.Sequential(*trunk)
         d = latent or width
         self.heads = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(d, head_width), torch.nn.ReLU(),
-                                torch.nn.Linear(head_width, 1)) if head_width else torch.nn.Linear(d, 1)
+            torch.nn.Sequential(
+                torch.nn.Linear(d, head_width), torch.nn.ReLU(), torch.nn.Linear(head_width, 1)
+            )
+            if head_width
+            else torch.nn.Linear(d, 1)
             for _ in range(n_contrasts)
         )
 
@@ -112,7 +130,9 @@ class GridField(torch.nn.Module):
         for s, g in zip(self.scales, self.levels, strict=True):
             a, b = y0 // s, -(-(y1 - 1) // s)
             sub = g[:, :, :, a : b + 1]
-            up = F.interpolate(sub, size=(px, (b - a) * s + 1, pz), mode="trilinear", align_corners=True)
+            up = F.interpolate(
+                sub, size=(px, (b - a) * s + 1, pz), mode="trilinear", align_corners=True
+            )
             out.append(up[0, :, :, y0 - a * s : y1 - a * s])
         if self.fine is not None:
             out.append(self.fine[:, :, y0:y1])
@@ -121,7 +141,9 @@ class GridField(torch.nn.Module):
 
     def forward(self, y0, y1, cond=None):
         f = self.features(y0, y1)
-        f = f.reshape(f.shape[0], self.pshape[0], y1 - y0, self.pshape[2])[:, : self.shape[0], :, : self.shape[2]]
+        f = f.reshape(f.shape[0], self.pshape[0], y1 - y0, self.pshape[2])[
+            :, : self.shape[0], :, : self.shape[2]
+        ]
         f = f.reshape(f.shape[0], -1)
         if cond is not None:
             f = torch.cat([f, cond.reshape(cond.shape[0], -1)], 0)
@@ -146,7 +168,9 @@ def run(args):
             splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
         t0 = time.time()
         scale = {n: norm_params(lrs[n]) for n in names}
-        lr_t = {n: torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names}
+        lr_t = {
+            n: torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names
+        }
         ops = {}
         for n in names:
             ax = int(np.argmax(FACTORS[n]))
@@ -154,19 +178,41 @@ def run(args):
             ops[n] = (ax, torch.from_numpy(profile_matrix(shape[ax], FACTORS[n][ax], k)).float())
         cond = None
         if args.cond:
-            cond = torch.stack([torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names])
-        model = GridField(shape, len(names), scales=tuple(args.scales), feat=args.feat, fine_feat=args.fine,
-                          width=args.width, head_width=args.head, n_cond=len(names) if args.cond else 0,
-                          init=args.init, latent=args.latent)
+            cond = torch.stack(
+                [
+                    torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0]))
+                    for n in names
+                ]
+            )
+        model = GridField(
+            shape,
+            len(names),
+            scales=tuple(args.scales),
+            feat=args.feat,
+            fine_feat=args.fine,
+            width=args.width,
+            head_width=args.head,
+            n_cond=len(names) if args.cond else 0,
+            init=args.init,
+            latent=args.latent,
+        )
         grid_params = list(model.levels) + ([model.fine] if model.fine is not None else [])
         net_params = list(model.w1.parameters()) + list(model.heads.parameters())
-        opt = torch.optim.Adam([{"params": grid_params, "lr": args.lr_grid},
-                                {"params": net_params, "lr": args.lr_net}], betas=(0.9, 0.99))
+        opt = torch.optim.Adam(
+            [
+                {"params": grid_params, "lr": args.lr_grid},
+                {"params": net_params, "lr": args.lr_net},
+            ],
+            betas=(0.9, 0.99),
+        )
         ny = shape[1]
         slab = args.slab
         nslab = -(-ny // slab)
         total = args.sweeps * nslab
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.9 + 0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.9 + 0.1,
+        )
         step = 0
         for sweep in range(args.sweeps):
             order = torch.randperm(nslab).tolist()
@@ -180,10 +226,12 @@ def run(args):
                 for ci, n in enumerate(names):
                     ax, w = ops[n]
                     p = pred[ci]
-                    est = torch.movedim(torch.tensordot(w, torch.movedim(p, ax, 0), dims=([1], [0])), 0, ax)
+                    est = torch.movedim(
+                        torch.tensordot(w, torch.movedim(p, ax, 0), dims=([1], [0])), 0, ax
+                    )
                     loss = loss + F.mse_loss(est, lr_t[n][:, y0:y1, :])
                 if args.tv > 0:
-                    for g in ([model.fine] if model.fine is not None else []):
+                    for g in [model.fine] if model.fine is not None else []:
                         s = g[:, :, y0:y1]
                         loss = loss + args.tv * sum((s.diff(dim=d) ** 2).mean() for d in (1, 2, 3))
                 opt.zero_grad(set_to_none=True)
@@ -192,7 +240,9 @@ def run(args):
                 sched.step()
                 step += 1
             if args.verbose:
-                print(f"  sweep {sweep} loss {loss.item():.5f} t={time.time() - t0:.1f}s", flush=True)
+                print(
+                    f"  sweep {sweep} loss {loss.item():.5f} t={time.time() - t0:.1f}s", flush=True
+                )
         with torch.no_grad():
             out = torch.empty(len(names), *shape)
             for j in range(nslab):
@@ -210,7 +260,9 @@ def run(args):
     print(f"# {args.tag} size={args.size} {vars(args)}")
     print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |"
+        )
     print(f"# peak RSS {rss:.2f} GB")
 
 
@@ -225,7 +277,9 @@ def main():
     ap.add_argument("--fine", type=int, default=4)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--head", type=int, default=8)
-    ap.add_argument("--latent", type=int, default=0, help="bottleneck width between trunk and heads")
+    ap.add_argument(
+        "--latent", type=int, default=0, help="bottleneck width between trunk and heads"
+    )
     ap.add_argument("--init", type=float, default=1e-2)
     ap.add_argument("--lr-grid", type=float, default=3e-2)
     ap.add_argument("--lr-net", type=float, default=3e-3)

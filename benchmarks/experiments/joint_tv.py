@@ -56,12 +56,20 @@ def run(args):
             ax = int(np.argmax(FACTORS[n]))
             k = args.k if args.k > 0 else FACTORS[n][ax]
             ops.append((ax, torch.from_numpy(profile_matrix(shape[ax], FACTORS[n][ax], k)).float()))
-        u = torch.nn.Parameter(torch.stack([
-            torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names]))
+        u = torch.nn.Parameter(
+            torch.stack(
+                [
+                    torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0]))
+                    for n in names
+                ]
+            )
+        )
         opt = torch.optim.Adam([u], lr=args.lr, betas=(0.9, 0.99))
         total = args.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
+            opt,
+            lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05,
+        )
         for step in range(total):
             loss = sum(F.mse_loss(apply_op(w, u[c], ax), y[c]) for c, (ax, w) in enumerate(ops))
             data = loss.item()
@@ -70,7 +78,10 @@ def run(args):
                 if args.joint:
                     reg = torch.sqrt(g + args.eps**2).mean()
                 else:
-                    reg = sum(torch.sqrt(grad_sq(u[c:c + 1], args.axes) + args.eps**2).mean() for c in range(len(names)))
+                    reg = sum(
+                        torch.sqrt(grad_sq(u[c : c + 1], args.axes) + args.eps**2).mean()
+                        for c in range(len(names))
+                    )
                 loss = loss + args.lam * reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,7 +100,9 @@ def run(args):
     print(f"# {args.tag} {vars(args)}")
     print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |"
+        )
     print(f"# peak RSS {rss:.2f} GB")
 
 

@@ -53,8 +53,13 @@ def run(args):
             splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
         t0 = time.time()
         scale = {n: norm_params(lrs[n]) for n in names}
-        y = {n: torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names}
-        sp = {n: torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names}
+        y = {
+            n: torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names
+        }
+        sp = {
+            n: torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0]))
+            for n in names
+        }
         ops = {}
         for n in names:
             ax = int(np.argmax(FACTORS[n]))
@@ -66,7 +71,8 @@ def run(args):
         z = torch.nn.Parameter(z0.clone())
         # coarse levels (multi-resolution preconditioning), zero-initialised
         coarse = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.zeros(1, 1, *[-(-n // s) + 1 for n in shape])) for s in args.scales
+            torch.nn.Parameter(torch.zeros(1, 1, *[-(-n // s) + 1 for n in shape]))
+            for s in args.scales
         )
         knots = torch.linspace(lo, hi, args.knots)
         tables = torch.nn.ParameterList()
@@ -86,10 +92,18 @@ def run(args):
                 zz = zz + up[0, 0, : shape[0], : shape[1], : shape[2]]
             return zz
 
-        opt = torch.optim.Adam([{"params": [z, *coarse], "lr": args.lr_z},
-                                {"params": list(tables), "lr": args.lr_head}], betas=(0.9, 0.99))
+        opt = torch.optim.Adam(
+            [
+                {"params": [z, *coarse], "lr": args.lr_z},
+                {"params": list(tables), "lr": args.lr_head},
+            ],
+            betas=(0.9, 0.99),
+        )
         total = args.steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, total=total: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)) * 0.95 + 0.05,
+        )
         for step in range(total):
             zz = field()
             loss = 0.0
@@ -121,7 +135,9 @@ def run(args):
     print(f"# {args.tag} {vars(args)}")
     print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |"
+        )
     print(f"# peak RSS {rss:.2f} GB")
 
 

@@ -53,9 +53,13 @@ def main():
         t_opt += t2 - t1
     n_par = sum(p.numel() for p in fld.parameters())
     per = (t_fb + t_opt) / args.steps
-    print("| threads | Adam | batch x K | grid params | fwd+bwd s/step | Adam s/step | s/epoch (paper size) |")
-    print(f"| {args.threads} | {args.adam} | {batch} x {k} | {n_par / 1e6:.1f} M | {t_fb / args.steps:.3f} | "
-          f"{t_opt / args.steps:.3f} | {per * LR_VOXELS / batch:.0f} |")
+    print(
+        "| threads | Adam | batch x K | grid params | fwd+bwd s/step | Adam s/step | s/epoch (paper size) |"
+    )
+    print(
+        f"| {args.threads} | {args.adam} | {batch} x {k} | {n_par / 1e6:.1f} M | {t_fb / args.steps:.3f} | "
+        f"{t_opt / args.steps:.3f} | {per * LR_VOXELS / batch:.0f} |"
+    )
 
 
 if __name__ == "__main__":

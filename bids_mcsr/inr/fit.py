@@ -19,7 +19,10 @@
    slices get denser points), and all B*K points of a batch go through the
    field in one forward pass.
 4. Loss: sum over contrasts of ``weight_c`` x MSE over that contrast's voxels in
-   the batch (paper Eq. 1 with per-contrast means); batches mix the contrasts.
+   the batch (paper Eq. 1 with per-contrast means); batches mix the contrasts. A
+   batch is ``batch_size`` LR voxels, fewer for volumes too small for
+   ``min_steps_per_epoch`` full batches (``batch_size_for``); an optional
+   ``smoothness`` prior penalises output changes over ``smoothness_mm``.
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
@@ -122,6 +125,7 @@ class _Trained:
     stop_reason: str = "max-epochs"
     samples: int = 0
     train_s: float = 0.0
+    batch: int = 0  # LR voxels per step (batch_size_for)
 
 
 def fit_contrasts(
@@ -281,6 +285,7 @@ def fit_contrasts(
         "foreground_source": "out_mask" if out_mask is not None else "inputs",
         "inferred_voxels": int(len(region)),
         "samples_per_epoch": int(sum(r.samples // max(r.epochs_run, 1) for r in runs)),
+        "batch_size_used": [r.batch for r in runs],
         "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
     }
     return FitResult(
@@ -584,27 +589,24 @@ def _epoch_pool(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Te
     return torch.cat([fg, bg[torch.randperm(len(bg), generator=gen)[:n_bg]]])
 
 
-def epoch_length(pool_size: int, cfg: Preset) -> int:
-    """Samples per epoch: the pool once, or ``min_steps_per_epoch`` full batches if more.
+def batch_size_for(pool_size: int, cfg: Preset) -> int:
+    """LR voxels per step: ``batch_size``, shrunk for small volumes.
 
-    A small volume (a phantom, a cropped demo) has too few LR voxels for the number
-    of optimiser steps a preset is tuned for; its epochs then revisit the voxels.
+    A volume too small for ``min_steps_per_epoch`` full batches (a phantom, a
+    cropped demo) gets ``ceil(pool / min_steps_per_epoch)`` voxels per step, but
+    not fewer than ``min_batch_size``; an epoch always visits every voxel once, so
+    its cost stays proportional to the data.
     """
-    return max(pool_size, cfg.min_steps_per_epoch * cfg.batch_size)
+    if cfg.min_steps_per_epoch <= 0:
+        return cfg.batch_size
+    wanted = math.ceil(pool_size / cfg.min_steps_per_epoch)
+    return max(1, min(cfg.batch_size, max(cfg.min_batch_size, wanted)))
 
 
 def _epoch_order(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
-    """Sample indices of one epoch in random order (CPU generator, then moved to the device).
-
-    When ``epoch_length`` exceeds the pool, the epoch is whole random permutations
-    of the pool back to back (the last one cut), so every voxel is drawn equally
-    often to within one.
-    """
+    """Sample indices of one epoch in random order (CPU generator, then moved to the device)."""
     pool = _epoch_pool(ts, cfg, gen)
-    length = epoch_length(len(pool), cfg)
-    reps = math.ceil(length / len(pool))
-    order = torch.cat([pool[torch.randperm(len(pool), generator=gen)] for _ in range(reps)])
-    return order[:length].to(ts.targets.device)
+    return pool[torch.randperm(len(pool), generator=gen)].to(ts.targets.device)
 
 
 def _train(
@@ -623,12 +625,13 @@ def _train(
     k = ts.offsets.shape[1]
     opt = _optimizer(fld, cfg)
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
-    steps = max(1, math.ceil(epoch_length(pool_size, cfg) / cfg.batch_size))
+    batch = batch_size_for(pool_size, cfg)
+    steps = max(1, math.ceil(pool_size / batch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
     rule = mi_mod.PlateauRule(cfg.min_epochs, cfg.patience, cfg.window, cfg.rel_tol)
     step_norm = cfg.smoothness_mm / half_extent_mm
     monitor = cfg.early_stopping and n_out >= 2
-    out = _Trained(mi_curve={}, loss_curve=[[] for _ in range(n_out)])
+    out = _Trained(mi_curve={}, loss_curve=[[] for _ in range(n_out)], batch=batch)
     snapshot: dict | None = None
     bar = _progress_bar(cfg.epochs, label) if progress and sys.stderr.isatty() else None
     level = logging.INFO if progress else logging.DEBUG
@@ -639,8 +642,8 @@ def _train(
         order = _epoch_order(ts, cfg, gen)
         err_sum = torch.zeros(n_out, dtype=torch.float64, device=order.device)
         count = torch.zeros(n_out, dtype=torch.float64, device=order.device)
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
             w = ts.which[idx]
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
             pred = fld(pts, w.repeat_interleave(k)).view(-1, k).mean(dim=1)

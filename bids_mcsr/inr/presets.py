@@ -32,9 +32,10 @@ class Preset:
     head_layers: int = 1
     # --- optimisation (Adam) ---
     batch_size: int = 1000  # LR voxels per step, all contrasts mixed
-    # an epoch draws max(pool, min_steps_per_epoch * batch_size) samples, revisiting
-    # voxels when the volume is small (fit.epoch_length); 0 = every voxel once
+    # small volumes: the batch shrinks to ceil(voxels / min_steps_per_epoch), not below
+    # min_batch_size, so an epoch still takes that many steps (fit.batch_size_for); 0 = off
     min_steps_per_epoch: int = 0
+    min_batch_size: int = 256
     lr: float = 1e-3
     # learning rate of the MLPs (trunk, heads) when it must differ from the encoding's
     # (grids want a high rate; tiny ReLU heads die at it on small data); None = lr
@@ -131,18 +132,19 @@ FAST = Preset(
     head_width=16,
     head_layers=1,
     batch_size=8192,
-    # a paper-size subject has ~350 steps per epoch; a small crop (the CI check, a
-    # phantom) revisits its voxels instead of taking a handful of steps
-    min_steps_per_epoch=150,
+    # a paper-size subject has ~350 steps of 8192 per epoch; a small crop (the CI
+    # check, a phantom) takes smaller batches instead of a handful of steps
+    min_steps_per_epoch=300,
+    min_batch_size=64,
     lr=1e-2,  # grids need a high rate; 5e-3 lost to cubic spline on both contrasts
     epochs=3,
     schedule="cosine-step",
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
     profile_samples=4,  # box profile: the model learns what a thick slice integrates
-    # without it, small point-sampled volumes sometimes fit the slices and fill the
-    # gaps with garbage (icbm-quick seed 1: T1w SSIM 0.20 -> 0.81 with it)
-    smoothness=1.0,
-    smoothness_mm=1.0,
+    # off: weight 1 rescued a seed whose point-sampled icbm-quick fit filled the slice
+    # gaps with garbage (T1w SSIM 0.20 -> 0.81) but cost a box-profile phantom 3-7 dB;
+    # untested at paper size (docs/fast-engine.md, round 2)
+    smoothness=0.0,
     foreground_fraction=None,
     mi_samples=20_000,
     min_epochs=3,
@@ -193,7 +195,10 @@ def validate(p: Preset) -> None:
     """Raise ``ValueError`` for an inconsistent preset."""
     checks = [
         (p.batch_size >= 1, "batch_size must be >= 1"),
-        (p.min_steps_per_epoch >= 0, "min_steps_per_epoch must be >= 0"),
+        (
+            p.min_steps_per_epoch >= 0 and p.min_batch_size >= 1,
+            "min_steps_per_epoch must be >= 0, min_batch_size >= 1",
+        ),
         (p.smoothness >= 0 and p.smoothness_mm > 0, "smoothness >= 0, smoothness_mm > 0"),
         (p.lr > 0, "lr must be > 0"),
         (p.network_lr is None or p.network_lr > 0, "network_lr must be None or > 0"),
