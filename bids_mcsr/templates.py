@@ -22,6 +22,7 @@ Where the template comes from, never touching the network:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -162,26 +163,8 @@ def align_to_template(
         ref_mask = foreground_mask(ref_data, ref_affine)
     tpl_mask = foreground_mask(template.data, template.affine)
     shift = _centroid(tpl_mask, template.affine) - _centroid(ref_mask, ref_affine)
-    best, best_metric = None, np.inf
-    for dz in _Z_STARTS_MM:
-        start = np.eye(4)
-        start[:3, 3] = shift + np.array([0.0, 0.0, dz])
-        report: dict = {}
-        coarse = register_rigid(
-            template.data,
-            template.affine,
-            ref_data,
-            ref_affine,
-            fixed_mask=tpl_mask,
-            moving_mask=ref_mask,
-            seed=seed,
-            initial=start,
-            levels_mm=(8.0,),
-            report=report,
-        )
-        if report["metric"] < best_metric:
-            best, best_metric = coarse, report["metric"]
-    return register_rigid(
+    register = functools.partial(
+        register_rigid,
         template.data,
         template.affine,
         ref_data,
@@ -189,9 +172,16 @@ def align_to_template(
         fixed_mask=tpl_mask,
         moving_mask=ref_mask,
         seed=seed,
-        initial=best,
-        levels_mm=(4.0, 2.0),
     )
+    best, best_metric = None, np.inf
+    for dz in _Z_STARTS_MM:
+        start = np.eye(4)
+        start[:3, 3] = shift + np.array([0.0, 0.0, dz])
+        report: dict = {}
+        coarse = register(initial=start, levels_mm=(8.0,), report=report)
+        if report["metric"] < best_metric:
+            best, best_metric = coarse, report["metric"]
+    return register(initial=best, levels_mm=(4.0, 2.0))
 
 
 def template_space(
