@@ -119,3 +119,51 @@ def test_fast_preset_beats_cubic_spline_on_a_phantom():
         fit = result.volumes[name][ball]
         gain = 10 * np.log10(np.mean((spline - ref) ** 2) / np.mean((fit - ref) ** 2))
         assert gain > 2.0, f"{name}: fast preset only {gain:+.2f} dB over cubic spline"
+
+
+def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fields():
+    enc = DenseGridEncoding(n_levels=1, base_resolution=5, max_resolution=5, features_per_level=1)
+    with torch.no_grad():
+        enc.levels[0].zero_()
+        enc.levels[0][0, 0, 2, 2, 2] = 6.0  # one spike in the interior
+    enc.diffuse_(0.5)
+    level = enc.levels[0].detach()[0, 0]
+    # the spike keeps half its value; each of its 6 neighbours gets (0.5 / 6) * 6
+    assert float(level[2, 2, 2]) == pytest.approx(3.0)
+    for d in [(1, 2, 2), (3, 2, 2), (2, 1, 2), (2, 3, 2), (2, 2, 1), (2, 2, 3)]:
+        assert float(level[d]) == pytest.approx(0.5)
+    assert float(level.sum()) == pytest.approx(6.0)  # mirror boundaries conserve the total
+    # a field linear along one axis is a fixed point away from the boundary faces
+    node = torch.arange(5.0)
+    with torch.no_grad():
+        enc.levels[0][0, 0] = node[:, None, None].expand(5, 5, 5)
+    enc.diffuse_(1.0)
+    assert torch.allclose(enc.levels[0].detach()[0, 0, 1:4], node[1:4, None, None].expand(3, 5, 5))
+
+
+def test_diffusion_setting_is_validated_and_recorded():
+    from bids_mcsr.inr.fit import Contrast, fit_contrasts
+    from bids_mcsr.inr.presets import resolve
+
+    with pytest.raises(ValueError, match="diffusion"):
+        resolve("fast", {"diffusion": 1.5})
+    with pytest.raises(ValueError, match="diffusion"):
+        resolve("fast", {"diffusion_every": 0})
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    data = np.random.default_rng(0).random((8, 8, 2)).astype(np.float32)
+    applied = {}
+    for encoding in ("dense-grid", "fourier"):
+        params = {} if encoding == "dense-grid" else {"n_frequencies": 8}
+        res = fit_contrasts(
+            [Contrast("A", data, aff)],
+            (8, 8, 8),
+            np.eye(4),
+            preset="fast",
+            architecture="single",
+            overrides={"encoding": encoding, "encoding_params": params, "epochs": 1},
+            nthreads=1,
+            progress=False,
+        )
+        applied[encoding] = res.config["diffusion_applied"]
+    # Fourier features have no nodes: the preset's diffusion is skipped, and says so
+    assert applied == {"dense-grid": True, "fourier": False}

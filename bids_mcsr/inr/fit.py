@@ -126,6 +126,7 @@ class _Trained:
     samples: int = 0
     train_s: float = 0.0
     batch: int = 0  # LR voxels per step (batch_size_for)
+    diffused: bool = False  # the encoding's nodes were diffused (Preset.diffusion)
 
 
 def fit_contrasts(
@@ -286,6 +287,7 @@ def fit_contrasts(
         "inferred_voxels": int(len(region)),
         "samples_per_epoch": int(sum(r.samples // max(r.epochs_run, 1) for r in runs)),
         "batch_size_used": [r.batch for r in runs],
+        "diffusion_applied": any(r.diffused for r in runs),
         "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
     }
     return FitResult(
@@ -630,8 +632,17 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
     rule = mi_mod.PlateauRule(cfg.min_epochs, cfg.patience, cfg.window, cfg.rel_tol)
     step_norm = cfg.smoothness_mm / half_extent_mm
+    # Encodings without nodes to diffuse (Fourier features) ignore the setting;
+    # the config records whether it applied ("diffusion_applied").
+    diffuse = getattr(fld.encoding, "diffuse_", None) if cfg.diffusion > 0 else None
+    step = 0
     monitor = cfg.early_stopping and n_out >= 2
-    out = _Trained(mi_curve={}, loss_curve=[[] for _ in range(n_out)], batch=batch)
+    out = _Trained(
+        mi_curve={},
+        loss_curve=[[] for _ in range(n_out)],
+        batch=batch,
+        diffused=diffuse is not None,
+    )
     snapshot: dict | None = None
     bar = _progress_bar(cfg.epochs, label) if progress and sys.stderr.isatty() else None
     level = logging.INFO if progress else logging.DEBUG
@@ -656,6 +667,9 @@ def _train(
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
+            if diffuse is not None and step % cfg.diffusion_every == 0:
+                diffuse(cfg.diffusion * sched.get_last_lr()[0] / cfg.lr)
             err_sum += torch.bincount(w, weights=err.detach().double(), minlength=n_out)
             count += n_c
         out.train_s += time.perf_counter() - t0

@@ -103,6 +103,27 @@ class DenseGridEncoding(nn.Module):
         )
         self.out_dim = n_levels * features_per_level
 
+    @torch.no_grad()
+    def diffuse_(self, fraction: float) -> None:
+        """Move every node ``fraction`` of the way toward the mean of its 6 neighbours.
+
+        One explicit step of heat diffusion on each level (mirror boundaries: a face
+        node averages only its existing neighbours' differences). ``fraction`` in
+        ``[0, 1]``; 1 replaces each node by the mean of its neighbours' values.
+        """
+        for level in self.levels:
+            x = level.data[0]  # (F, D, H, W)
+            acc = torch.zeros_like(x)
+            for dim in (1, 2, 3):
+                n = x.shape[dim]
+                if n < 2:
+                    continue
+                d = torch.diff(x, dim=dim)
+                acc.narrow(dim, 0, n - 1).add_(d)
+                acc.narrow(dim, 1, n - 1).sub_(d)
+            # acc = sum of (neighbour - node) over the 6 neighbours = 6 (mean - node)
+            x.add_(acc, alpha=fraction / 6.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = x.reshape(1, -1, 1, 1, 3).to(self.levels[0].dtype)
         feats = [

@@ -53,6 +53,13 @@ class Preset:
     # (e.g. one contrast between its point-sampled slices) with smooth values.
     smoothness: float = 0.0
     smoothness_mm: float = 1.0
+    # --- encoding diffusion (fit._train): every `diffusion_every` steps each node of
+    # an encoding that has ``diffuse_`` (dense-grid) moves this fraction, times the
+    # current learning-rate factor, toward the mean of its 6 neighbours. Nodes that
+    # no sample constrains (between one contrast's thick slices) would otherwise keep
+    # the noise of rare, Adam-amplified gradients; 0 = off.
+    diffusion: float = 0.0
+    diffusion_every: int = 8
     # --- forward model ---
     profile_samples: int = 1  # K points across each LR voxel's slice (box profile); 1 = centre
     # fraction of an epoch drawn from inside the inputs' masks; None = every LR voxel once
@@ -137,8 +144,14 @@ FAST = Preset(
     min_steps_per_epoch=300,
     min_batch_size=64,
     lr=1e-2,  # grids need a high rate; 5e-3 lost to cubic spline on both contrasts
-    epochs=3,
+    # 4 with diffusion: paper-size point-sampled slices gain 0.8 dB on T1w over 3
+    # epochs and box-profile slices stay under 3 minutes (5 take ~190 s)
+    epochs=4,
     schedule="cosine-step",
+    # grid diffusion fills the nodes between one contrast's thick slices from their
+    # neighbours: paper-size SSIM +0.02 in both modes; 1.0 over-smooths (T1w -0.3 dB)
+    diffusion=0.3,
+    diffusion_every=8,
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
     profile_samples=4,  # box profile: the model learns what a thick slice integrates
     # off: weight 1 rescued a seed whose point-sampled icbm-quick fit filled the slice
@@ -200,6 +213,10 @@ def validate(p: Preset) -> None:
             "min_steps_per_epoch must be >= 0, min_batch_size >= 1",
         ),
         (p.smoothness >= 0 and p.smoothness_mm > 0, "smoothness >= 0, smoothness_mm > 0"),
+        (
+            0 <= p.diffusion <= 1 and p.diffusion_every >= 1,
+            "0 <= diffusion <= 1, diffusion_every >= 1",
+        ),
         (p.lr > 0, "lr must be > 0"),
         (p.network_lr is None or p.network_lr > 0, "network_lr must be None or > 0"),
         (p.epochs >= 1, "epochs must be >= 1"),
