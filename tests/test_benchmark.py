@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from bids_mcsr.benchmark import metrics
-from bids_mcsr.benchmark.bench import _add_spline_gains, output_path, quick_failures, render
+from bids_mcsr.benchmark.bench import (
+    _add_spline_gains,
+    merge,
+    output_path,
+    quick_failures,
+    render,
+)
 from bids_mcsr.benchmark.cases import Case, crop_or_pad, user_case, view_factors
 from bids_mcsr.benchmark.dataset import write_case_dataset
 from bids_mcsr.benchmark.runner import app_command, run_child
@@ -269,6 +275,35 @@ def _rows() -> list[dict]:
     ]
 
 
+def _results(rows: list[dict]) -> dict:
+    """A saved run around ``rows``, as ``results.json`` holds it."""
+    return {
+        "machine": {
+            "date_utc": "d",
+            "commit": "abc",
+            "dirty": False,
+            "cpu": "cpu",
+            "cores": 2,
+            "gpu": None,
+            "python": "3",
+            "torch": "2",
+        },
+        "settings": {
+            "cases": ["c"],
+            "methods": ["spline", "split-head"],
+            "modes": ["paper"],
+            "views": ["sagittal"],
+            "thickness": 4,
+            "repeats": 1,
+            "epochs": None,
+            "paper_epochs": 1,
+            "registration": False,
+        },
+        "rows": rows,
+        "notes": ["n1"],
+    }
+
+
 def test_spline_gain_and_quick_check():
     rows = _rows()
     _add_spline_gains(rows)
@@ -290,31 +325,38 @@ def test_markdown_table_formatting():
     assert lines[1].count("|") == len(MAIN_COLUMNS) + 1 and "---:" in lines[1]
     assert lines[2].startswith("| c | paper | sagittal | T1w | spline | 30.00 | 0.9000 | - |")
     assert "| 512 |" in lines[2] and "| 12 |" in lines[3] and "| - |" in lines[3]
-    results = {
-        "machine": {
-            "date_utc": "d",
-            "commit": "abc",
-            "dirty": False,
-            "cpu": "cpu",
-            "cores": 2,
-            "gpu": None,
-            "python": "3",
-            "torch": "2",
-        },
-        "settings": {
-            "modes": ["paper"],
-            "views": ["sagittal"],
-            "thickness": 4,
-            "repeats": 1,
-            "epochs": None,
-            "paper_epochs": 1,
-            "registration": False,
-        },
-        "rows": rows,
-        "notes": ["n1"],
-    }
+    results = _results(rows)
     md = render(results)
     assert "commit `abc`" in md and "GPU: none" in md and md.rstrip().endswith("- n1")
+
+
+def test_merge_scores_a_run_against_another_runs_spline(tmp_path, capsys):
+    import json
+
+    from bids_mcsr.benchmark.__main__ import main
+
+    first = _results(_rows()[:2])  # T1w spline 30.0 and split-head 33.5
+    ablation = {
+        **first,
+        "machine": {**first["machine"], "commit": "def"},
+        "rows": [{**_rows()[1], "method": "vanilla", "psnr": 31.25}],
+        "notes": ["n1", "n2"],
+    }
+    merged = merge([first, ablation])
+    assert [r["method"] for r in merged["rows"]] == ["spline", "split-head", "vanilla"]
+    assert merged["rows"][2]["gain_db"] == pytest.approx(1.25)
+    assert "gain_db" not in ablation["rows"][0]  # the inputs are not modified
+    assert merged["notes"] == ["n1", "n2"]
+    files = []
+    for i, run in enumerate((first, ablation)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(run))
+    assert main(["--merge", *map(str, files)]) == 0
+    md = capsys.readouterr().out
+    assert "commit `abc`" in md and "commit `def`" in md and "| vanilla | 31.25 |" in md
+    assert "| 1.25 |" in md
+    assert main(["--merge", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
 
 
 # --- the quick benchmark end to end ---------------------------------------------------

@@ -14,11 +14,12 @@ contrast); 1 a run failed or the quick check failed; 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .bench import Settings, quick_failures, quick_settings, render, run_benchmark
+from .bench import Settings, merge, quick_failures, quick_settings, render, run_benchmark
 from .cases import CASE_NAMES, QUICK_CASE, VIEWS
 from .runner import METHODS, REPO
 from .simulate import MODES
@@ -102,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the app co-register (default: --no-registration, inputs are aligned)",
     )
     p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print one table from saved results.json files, gains recomputed "
+        "over the spline rows of all of them (e.g. ablations run apart from the spline)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -118,6 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(a, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if a.merge:
+        try:
+            runs = [json.loads(f.read_text()) for f in a.merge]
+        except (OSError, ValueError) as exc:
+            print(
+                f"error: {exc}; --merge takes results.json files of earlier runs", file=sys.stderr
+            )
+            return 2
+        print(render(merge(runs)))
+        return 0
     if a.out is None:
         a.out = DEFAULT_OUT / "quick" if a.quick else DEFAULT_OUT
     if a.quick:

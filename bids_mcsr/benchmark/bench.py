@@ -268,18 +268,30 @@ def run_benchmark(s: Settings) -> dict:
     return results
 
 
-def render(results: dict) -> str:
-    """Markdown: header (machine, commit, settings), main table, lesion table, notes."""
+def _header(results: dict) -> list[str]:
+    """Date, commit, machine and settings of one saved run (markdown bullets)."""
     m, st = results["machine"], results["settings"]
     gpu = m["gpu"] or "none"
-    lines = [
+    return [
         f"- date: {m['date_utc']}; commit `{m['commit']}`"
         + (" (+ local changes)" if m["dirty"] else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores, GPU: {gpu}; Python {m['python']}, torch {m['torch']}",
-        f"- settings: modes {st['modes']}, partner views {st['views']}, slice thickness "
-        f"{st['thickness']} mm, repeats {st['repeats']} (wall s = median), epochs "
-        f"{st['epochs'] or 'preset default'}, paper preset epochs {st['paper_epochs']}, "
-        f"registration {'on' if st['registration'] else 'off (--no-registration)'}",
+        f"- settings: cases {st['cases']}, methods {st['methods']}, modes {st['modes']}, partner "
+        f"views {st['views']}, slice thickness {st['thickness']} mm, repeats {st['repeats']} "
+        f"(wall s = median), epochs {st['epochs'] or 'preset default'}, paper preset epochs "
+        f"{st['paper_epochs']}, registration "
+        f"{'on' if st['registration'] else 'off (--no-registration)'}",
+    ]
+
+
+def render(results: dict) -> str:
+    """Markdown: header (machine, commit, settings), main table, lesion table, notes.
+
+    A merged result (``merge``) lists the header of every run it combines.
+    """
+    sources = results.get("sources") or [results]
+    lines = [
+        *[line for src in sources for line in _header(src)],
         "",
         markdown_table(results["rows"], MAIN_COLUMNS),
     ]
@@ -295,6 +307,22 @@ def render(results: dict) -> str:
     if results["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def merge(runs: Sequence[dict]) -> dict:
+    """One result from several saved runs (``results.json`` dicts), rows in run order.
+
+    Gains are recomputed against the spline rows of *all* runs, so a run of the
+    ablations alone is scored against the spline of another run of the same case
+    (the simulation is deterministic: same case, mode and view give the same inputs).
+    """
+    if not runs:
+        raise ValueError("merge needs at least one results.json")
+    rows = [dict(r) for run in runs for r in run["rows"]]
+    _add_spline_gains(rows)
+    notes = list(dict.fromkeys(n for run in runs for n in run["notes"]))
+    sources = [{"machine": run["machine"], "settings": run["settings"]} for run in runs]
+    return {**runs[0], "rows": rows, "notes": notes, "sources": sources}
 
 
 def save(results: dict, out: Path) -> None:

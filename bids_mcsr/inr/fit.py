@@ -22,7 +22,10 @@
    the batch (paper Eq. 1 with per-contrast means); batches mix the contrasts. A
    batch is ``batch_size`` LR voxels, fewer for volumes too small for
    ``min_steps_per_epoch`` full batches (``batch_size_for``); an optional
-   ``smoothness`` prior penalises output changes over ``smoothness_mm``.
+   ``smoothness`` prior penalises output changes over ``smoothness_mm``. With
+   ``diffusion`` > 0, every ``diffusion_every`` Adam steps the encoding's nodes
+   (dense-grid) move that fraction (x the current learning-rate factor) toward
+   their neighbours' mean, so nodes no slice constrains do not keep noise.
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
