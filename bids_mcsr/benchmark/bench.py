@@ -30,7 +30,7 @@ from ..resample import resample_to_grid
 from . import metrics
 from .cases import QUICK_CASE, Case, load_case, user_case
 from .dataset import write_case_dataset
-from .runner import INR_METHODS, REPO, app_command, run_child
+from .runner import INR_METHODS, METHODS, REPO, app_command, run_child
 from .table import LESION_COLUMNS, MAIN_COLUMNS, markdown_table
 
 
@@ -310,7 +310,10 @@ def render(results: dict) -> str:
 
 
 def merge(runs: Sequence[dict]) -> dict:
-    """One result from several saved runs (``results.json`` dicts), rows in run order.
+    """One result from several saved runs (``results.json`` dicts).
+
+    Rows are grouped by case, mode, view and contrast (in order of first
+    appearance), methods in the benchmark's order within each group.
 
     Gains are recomputed against the spline rows of *all* runs, so a run of the
     ablations alone is scored against the spline of another run of the same case
@@ -319,6 +322,16 @@ def merge(runs: Sequence[dict]) -> dict:
     if not runs:
         raise ValueError("merge needs at least one results.json")
     rows = [dict(r) for run in runs for r in run["rows"]]
+    first: dict[tuple, int] = {}
+    for r in rows:
+        first.setdefault((r["case"], r["mode"], r["view"], r.get("contrast")), len(first))
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(
+        key=lambda r: (
+            first[(r["case"], r["mode"], r["view"], r.get("contrast"))],
+            order.get(r["method"], len(order)),
+        )
+    )
     _add_spline_gains(rows)
     notes = list(dict.fromkeys(n for run in runs for n in run["notes"]))
     sources = [{"machine": run["machine"], "settings": run["settings"]} for run in runs]
