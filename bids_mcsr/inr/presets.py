@@ -144,13 +144,14 @@ FAST = Preset(
     min_steps_per_epoch=300,
     min_batch_size=64,
     lr=1e-2,  # grids need a high rate; 5e-3 lost to cubic spline on both contrasts
-    # 4 with diffusion: paper-size point-sampled slices gain 0.8 dB on T1w over 3
-    # epochs and box-profile slices stay under 3 minutes (5 take ~190 s)
+    # 4: paper-size point-sampled slices need more than 3 (docs/fast-engine.md,
+    # round 3); box-profile slices stay under 3 minutes end to end (5 take ~190 s)
     epochs=4,
     schedule="cosine-step",
-    # grid diffusion fills the nodes between one contrast's thick slices from their
-    # neighbours: paper-size SSIM +0.02 in both modes; 1.0 over-smooths (T1w -0.3 dB)
-    diffusion=0.3,
+    # off: grid diffusion 0.3 gained 0.7-1.7 dB on the icbm2009c template (a smooth
+    # average of many brains) but cost the real MS patient's FLAIR 5 dB and lesion
+    # contrast (ms-patient07: 19.35 -> 13.99 dB, lesion/WM 0.235 -> 0.211)
+    diffusion=0.0,
     diffusion_every=8,
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
     profile_samples=4,  # box profile: the model learns what a thick slice integrates
