@@ -160,10 +160,15 @@ def test_diffusion_setting_is_validated_and_recorded():
             np.eye(4),
             preset="fast",
             architecture="single",
-            overrides={"encoding": encoding, "encoding_params": params, "epochs": 1},
+            overrides={
+                "encoding": encoding,
+                "encoding_params": params,
+                "epochs": 1,
+                "diffusion": 0.3,
+            },
             nthreads=1,
             progress=False,
         )
         applied[encoding] = res.config["diffusion_applied"]
-    # Fourier features have no nodes: the preset's diffusion is skipped, and says so
+    # Fourier features have no nodes: diffusion is skipped, and the config says so
     assert applied == {"dense-grid": True, "fourier": False}

@@ -144,13 +144,13 @@ FAST = Preset(
     min_steps_per_epoch=300,
     min_batch_size=64,
     lr=1e-2,  # grids need a high rate; 5e-3 lost to cubic spline on both contrasts
-    # 4: paper-size point-sampled slices need more than 3 (docs/fast-engine.md,
-    # round 3); box-profile slices stay under 3 minutes end to end (5 take ~190 s)
+    # 4 beats 3 with box-profile slices (paper size +2.25 / +5.53 dB vs +2.00 / +4.88)
+    # and on the MS patient's FLAIR (19.35 vs 17.66 dB); it stays under 3 minutes
     epochs=4,
     schedule="cosine-step",
-    # off: grid diffusion 0.3 gained 0.7-1.7 dB on the icbm2009c template (a smooth
-    # average of many brains) but cost the real MS patient's FLAIR 5 dB and lesion
-    # contrast (ms-patient07: 19.35 -> 13.99 dB, lesion/WM 0.235 -> 0.211)
+    # off: grid diffusion 0.3 lifts point-sampled template slices (icbm2009c paper
+    # mode T2w +0.46 -> +3.52 dB) but blurs a real FLAIR and its lesions
+    # (ms-patient07: 19.35 -> 13.99 dB, lesion/WM contrast 0.235 -> 0.211)
     diffusion=0.0,
     diffusion_every=8,
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
