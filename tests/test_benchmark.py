@@ -358,6 +358,10 @@ def test_merge_scores_a_run_against_another_runs_spline(tmp_path, capsys):
     assert "| 1.25 |" in md
     assert main(["--merge", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"rows": [{"case": "c"}]}')  # not a results.json
+    assert main(["--merge", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert "other.json: not a benchmark results.json" in err and "machine" in err
 
 
 # --- the quick benchmark end to end ---------------------------------------------------

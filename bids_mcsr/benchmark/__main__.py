@@ -128,13 +128,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if a.merge:
-        try:
-            runs = [json.loads(f.read_text()) for f in a.merge]
-        except (OSError, ValueError) as exc:
-            print(
-                f"error: {exc}; --merge takes results.json files of earlier runs", file=sys.stderr
-            )
-            return 2
+        runs = []
+        for f in a.merge:
+            try:
+                run = json.loads(f.read_text())
+                missing = {"machine", "settings", "rows", "notes"} - set(run)
+            except (OSError, ValueError, TypeError) as exc:
+                missing = {str(exc)}
+            if missing:
+                print(
+                    f"error: {f}: not a benchmark results.json ({', '.join(sorted(missing))}); "
+                    "--merge takes the results.json files that earlier runs wrote under --out",
+                    file=sys.stderr,
+                )
+                return 2
+            runs.append(run)
         print(render(merge(runs)))
         return 0
     if a.out is None:
