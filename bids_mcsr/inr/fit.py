@@ -638,7 +638,6 @@ def _train(
     # Encodings without nodes to diffuse (Fourier features) ignore the setting;
     # the config records whether it applied ("diffusion_applied").
     diffuse = getattr(fld.encoding, "diffuse_", None) if cfg.diffusion > 0 else None
-    step = 0
     monitor = cfg.early_stopping and n_out >= 2
     out = _Trained(
         mi_curve={},
@@ -670,8 +669,8 @@ def _train(
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
-            if diffuse is not None and step % cfg.diffusion_every == 0:
+            # sched.last_epoch counts the optimiser steps taken so far
+            if diffuse is not None and sched.last_epoch % cfg.diffusion_every == 0:
                 diffuse(cfg.diffusion * sched.get_last_lr()[0] / cfg.lr)
             err_sum += torch.bincount(w, weights=err.detach().double(), minlength=n_out)
             count += n_c

@@ -148,8 +148,8 @@ FAST = Preset(
     # and on the MS patient's FLAIR (19.35 vs 17.66 dB); it stays under 3 minutes
     epochs=4,
     schedule="cosine-step",
-    # off: grid diffusion 0.3 lifts point-sampled template slices (icbm2009c paper
-    # mode T2w +0.46 -> +3.52 dB) but blurs a real FLAIR and its lesions
+    # off: grid diffusion 0.3 lifts point-sampled template slices (paper-size icbm2009c,
+    # T2w +0.46 -> +3.52 dB) but blurs a real FLAIR and its lesions
     # (ms-patient07: 19.35 -> 13.99 dB, lesion/WM contrast 0.235 -> 0.211)
     diffusion=0.0,
     diffusion_every=8,
