@@ -7,6 +7,9 @@ so each LR image has the in-plane detail the other one lacks.
 """
 
 import json
+import platform
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -274,3 +277,47 @@ def test_small_volumes_get_smaller_batches(phantom):
     r = fit(phantom, overrides={"epochs": 1, "min_steps_per_epoch": 40, "min_batch_size": 64})
     assert r.config["batch_size_used"] == [-(-n_lr // 40)] == [410]
     assert r.config["samples_per_epoch"] == n_lr  # every voxel once, whatever the batch
+
+
+_MALLOC_PROBE = """
+import ctypes, sys
+from bids_mcsr.inr import fit
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    assert fit.keep_large_allocations()
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(80 << 20)  # a paper-size finest grid level's gradient
+print(libc.mallinfo2().hblkhd - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt() tuning is glibc's")
+def test_keep_large_allocations_serves_big_blocks_from_the_heap():
+    def mmapped(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, check=True
+        )
+        return int(out.stdout)
+
+    # glibc's default: an 80 MB block is a fresh mmap (page-faulted on every step)
+    assert mmapped("default") >= 80 << 20
+    assert mmapped("keep") == 0
+
+
+def test_cpu_fits_tune_the_allocator(phantom, monkeypatch):
+    from bids_mcsr.inr import fit as fit_mod
+
+    calls = []
+    monkeypatch.setattr(fit_mod, "keep_large_allocations", lambda: calls.append(True))
+    fit(phantom, overrides={"epochs": 1})
+    assert calls == [True]

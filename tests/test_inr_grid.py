@@ -28,7 +28,8 @@ def test_registered_and_output_shape():
         {"n_levels": 3, "base_resolution": 4, "max_resolution": 16, "features_per_level": 2},
     )
     assert enc.out_dim == 6
-    assert [lvl.shape for lvl in enc.levels] == [(1, 2, r, r, r) for r in (4, 8, 16)]
+    # channels-last (z, y, x, feature)
+    assert [lvl.shape for lvl in enc.levels] == [(r, r, r, 2) for r in (4, 8, 16)]
     out = enc(torch.rand(257, 3) * 2 - 1)
     assert out.shape == (257, 6) and out.dtype == torch.float32
 
@@ -38,9 +39,9 @@ def test_trilinear_lookup_is_exact_for_linear_fields_and_follows_xyz_order():
     node = torch.linspace(-1, 1, 5)
     with torch.no_grad():
         level = enc.levels[0]
-        # storage is (F, z, y, x): feature 0 = x, 1 = y, 2 = 2x - y + 3z
+        # storage is (z, y, x, F): feature 0 = x, 1 = y, 2 = 2x - y + 3z
         zz, yy, xx = torch.meshgrid(node, node, node, indexing="ij")
-        level[0, 0], level[0, 1], level[0, 2] = xx, yy, 2 * xx - yy + 3 * zz
+        level[..., 0], level[..., 1], level[..., 2] = xx, yy, 2 * xx - yy + 3 * zz
     pts = torch.rand(1000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
     out = enc(pts)
     expected = torch.stack([pts[:, 0], pts[:, 1], 2 * pts[:, 0] - pts[:, 1] + 3 * pts[:, 2]], 1)
@@ -48,6 +49,30 @@ def test_trilinear_lookup_is_exact_for_linear_fields_and_follows_xyz_order():
     # Outside the cube the border value is read (no zero padding).
     far = enc(torch.tensor([[3.0, 0.0, 0.0]]))
     assert far[0, 0].item() == pytest.approx(1.0)
+
+
+def test_lookup_matches_grid_sample_inside_and_outside_the_cube():
+    # F.grid_sample (align_corners, border padding) is the reference trilinear
+    # interpolation the gather-based lookup replaces.
+    torch.manual_seed(2)
+    enc = DenseGridEncoding(n_levels=2, base_resolution=6, max_resolution=11, features_per_level=3)
+    pts = torch.rand(2000, 3) * 2.4 - 1.2  # some points outside [-1, 1]
+    expected = torch.cat(
+        [
+            torch.nn.functional.grid_sample(
+                level.detach().permute(3, 0, 1, 2)[None],
+                pts.reshape(1, -1, 1, 1, 3),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=True,
+            )
+            .reshape(3, -1)
+            .T
+            for level in enc.levels
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(enc(pts).detach(), expected, atol=1e-6, rtol=0)
 
 
 def test_gradient_reaches_only_the_eight_neighbouring_nodes_with_unit_total_weight():
@@ -125,9 +150,9 @@ def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fiel
     enc = DenseGridEncoding(n_levels=1, base_resolution=5, max_resolution=5, features_per_level=1)
     with torch.no_grad():
         enc.levels[0].zero_()
-        enc.levels[0][0, 0, 2, 2, 2] = 6.0  # one spike in the interior
+        enc.levels[0][2, 2, 2, 0] = 6.0  # one spike in the interior
     enc.diffuse_(0.5)
-    level = enc.levels[0].detach()[0, 0]
+    level = enc.levels[0].detach()[..., 0]
     # the spike keeps half its value; each of its 6 neighbours gets (0.5 / 6) * 6
     assert float(level[2, 2, 2]) == pytest.approx(3.0)
     for d in [(1, 2, 2), (3, 2, 2), (2, 1, 2), (2, 3, 2), (2, 2, 1), (2, 2, 3)]:
@@ -136,9 +161,11 @@ def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fiel
     # a field linear along one axis is a fixed point away from the boundary faces
     node = torch.arange(5.0)
     with torch.no_grad():
-        enc.levels[0][0, 0] = node[:, None, None].expand(5, 5, 5)
+        enc.levels[0][..., 0] = node[:, None, None].expand(5, 5, 5)
     enc.diffuse_(1.0)
-    assert torch.allclose(enc.levels[0].detach()[0, 0, 1:4], node[1:4, None, None].expand(3, 5, 5))
+    assert torch.allclose(
+        enc.levels[0].detach()[1:4, ..., 0], node[1:4, None, None].expand(3, 5, 5)
+    )
 
 
 def test_diffusion_setting_is_validated_and_recorded():
