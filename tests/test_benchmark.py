@@ -202,6 +202,20 @@ def test_psnr_known_noise():
     assert metrics.psnr(pred, truth, mask, region) == pytest.approx(40.0)
 
 
+def test_psnr_truth_range_keeps_the_prediction_unscaled():
+    truth = np.linspace(10.0, 20.0, 1000).reshape(10, 10, 10)
+    mask = np.ones(truth.shape, bool)
+    pred = truth + 0.1  # error 0.1 on a truth range of 10 -> 40 dB
+    assert metrics.psnr_truth_range(pred, truth, mask) == pytest.approx(40.0)
+    # One far-off voxel: min-max PSNR re-scales every voxel, truth-range PSNR
+    # pays only that voxel's own error.
+    spoiled = truth.copy()
+    spoiled[0, 0, 0] = 0.0  # 10 below the truth's minimum: squared error 1 / 1000 voxels
+    assert metrics.psnr_truth_range(spoiled, truth, mask) == pytest.approx(30.0)
+    assert metrics.psnr(spoiled, truth, mask) < 20.0
+    assert metrics.psnr_truth_range(truth, truth, mask) == float("inf")
+
+
 def test_mi_errors_known_answers():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(12, 12, 12))
@@ -308,6 +322,11 @@ def test_spline_gain_and_quick_check():
     rows = _rows()
     _add_spline_gains(rows)
     assert rows[1]["gain_db"] == pytest.approx(3.5) and rows[3]["gain_db"] == pytest.approx(-1.0)
+    assert "gain_tr_db" not in rows[1]  # rows without truth-range PSNR (older runs)
+    with_tr = _rows()
+    with_tr[0]["psnr_tr"], with_tr[1]["psnr_tr"] = 31.0, 35.25
+    _add_spline_gains(with_tr)
+    assert with_tr[1]["gain_tr_db"] == pytest.approx(4.25)
     problems = quick_failures(rows)
     assert len(problems) == 1 and problems[0].startswith("T2w: split-head PSNR 27.00")
     assert quick_failures(rows[:2]) == []

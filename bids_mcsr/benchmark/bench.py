@@ -196,6 +196,7 @@ def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> di
         truth = case.volumes[c]
         row = {
             "psnr": metrics.psnr(preds[c], truth, case.mask),
+            "psnr_tr": metrics.psnr_truth_range(preds[c], truth, case.mask),
             "ssim": metrics.ssim(preds[c], truth, case.mask),
             "eps_mi": errors[f"eps_{c}"],
             "eps_hat": errors["eps_hat"],
@@ -220,6 +221,8 @@ def _add_spline_gains(rows: list[dict]) -> None:
         if ref is None or "psnr" not in r:
             continue
         r["gain_db"] = r["psnr"] - ref["psnr"]
+        if r.get("psnr_tr") is not None and ref.get("psnr_tr") is not None:
+            r["gain_tr_db"] = r["psnr_tr"] - ref["psnr_tr"]
         if "lesion_psnr" in r:
             r["lesion_psnr_gain_db"] = r["lesion_psnr"] - ref["lesion_psnr"]
             r["lesion_contrast_vs_spline"] = r["lesion_contrast"] / ref["lesion_contrast"]

@@ -1,7 +1,10 @@
 """Fidelity metrics against a high-resolution ground truth, as in the paper.
 
 Both images are min-max normalised to ``[0, 1]`` *inside the brain mask*
-(separately), then compared inside the mask only.
+(separately), then compared inside the mask only. Because the prediction's own
+minimum and maximum set its scale, one extreme voxel (e.g. at the mask edge)
+shifts every other voxel's score; ``psnr_truth_range`` maps both images with the
+truth's minimum and maximum instead, so it measures the voxel errors alone.
 
 The MI errors of the paper's Table 1 use the engine's histogram MI
 (:func:`bids_mcsr.inr.mi.mutual_information`: 32 bins, natural log) on the
@@ -42,6 +45,21 @@ def psnr(
         raise ValueError("psnr: the scoring region is empty")
     p, t = minmax_in_mask(pred, mask), minmax_in_mask(truth, mask)
     mse = float(np.mean((p[where] - t[where]) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def psnr_truth_range(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB) inside ``mask`` with both images scaled by the truth's in-mask range.
+
+    ``10 log10(1 / mean(((pred - truth) / (max - min))^2))``, min and max of
+    ``truth`` inside ``mask``: no re-normalisation of the prediction, so a few
+    out-of-range voxels cost only their own error.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    t = np.asarray(truth, dtype=np.float64)[mask]
+    span = t.max() - t.min()
+    err = (np.asarray(pred, dtype=np.float64)[mask] - t) / (span if span > 0 else 1.0)
+    mse = float(np.mean(err**2))
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 

@@ -15,6 +15,8 @@ MAIN_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("psnr", "PSNR dB", 2),
     ("ssim", "SSIM", 4),
     ("gain_db", "gain dB", 2),
+    ("psnr_tr", "PSNR truth-range dB", 2),
+    ("gain_tr_db", "gain truth-range dB", 2),
     ("eps_mi", "eps MI", 3),
     ("eps_hat", "eps-hat MI", 3),
     ("wall_s", "wall s", 1),
