@@ -125,6 +125,16 @@ def test_crop_or_pad_keeps_world_positions():
     assert np.all(out[:, :2] == 0) and np.all(out[:, -2:] == 0)
 
 
+def test_reshaped_case_note_names_the_derived_case():
+    from bids_mcsr.benchmark.cases import _reshape_case
+
+    vol = np.ones((10, 8, 6), np.float32)
+    case = Case("icbm2009c", {"T1w": vol}, _affine(), ("T1w",), vol > 0, {"T1w": {}})
+    out = _reshape_case(case, (4, 4, 4), label="papersize")
+    assert out.volumes["T1w"].shape == (4, 4, 4)
+    assert out.notes[-1].startswith("papersize: icbm2009c cropped/padded to (4, 4, 4)")
+
+
 def test_write_case_dataset_layout_and_sidecars(tmp_path):
     case = _toy_case(flip_x=True)
     paths = write_case_dataset(case, tmp_path, "profile", "coronal")

@@ -105,8 +105,13 @@ def crop_or_pad(
     return out, np.asarray(affine, dtype=float) @ shift
 
 
-def _reshape_case(case: Case, shape: Sequence[int], centre: Sequence[float] | None = None) -> Case:
-    """``case`` cropped/padded to ``shape`` around ``centre`` (default: mask bounding-box centre)."""
+def _reshape_case(
+    case: Case, shape: Sequence[int], centre: Sequence[float] | None = None, label: str = ""
+) -> Case:
+    """``case`` cropped/padded to ``shape`` around ``centre`` (default: mask bounding-box centre).
+
+    ``label`` names the derived case in its note (e.g. "papersize"), default ``case.name``.
+    """
     if centre is None:
         idx = np.nonzero(case.mask)
         centre = [(int(i.min()) + int(i.max()) + 1) / 2 for i in idx]
@@ -117,7 +122,10 @@ def _reshape_case(case: Case, shape: Sequence[int], centre: Sequence[float] | No
     volumes = {k: fit(v)[0] for k, v in case.volumes.items()}
     mask, affine = fit(case.mask)
     lesions = None if case.lesions is None else fit(case.lesions)[0]
-    note = f"{case.name} cropped/padded to {tuple(shape)} around the brain's bounding-box centre"
+    note = (
+        f"{label or case.name}: {case.name} cropped/padded to {tuple(shape)} around the brain's "
+        "bounding-box centre"
+    )
     return Case(
         case.name, volumes, affine, case.scored, mask, case.bids, lesions, [*case.notes, note]
     )
@@ -175,9 +183,9 @@ def load_case(name: str, data_dir: Path | str, thickness: int = 4) -> Case:
             notes=["icbm2009c: skull-stripped template; mask = nonzero T1w or T2w"],
         )
         if name == "papersize":
-            case = _reshape_case(case, PAPER_SHAPE)
+            case = _reshape_case(case, PAPER_SHAPE, label=name)
         elif name == QUICK_CASE:
-            case = _reshape_case(case, QUICK_SHAPE)
+            case = _reshape_case(case, QUICK_SHAPE, label=name)
     elif name == "ms-patient07":
         root = data_dir / name
         flair, affine = _load(root / "FLAIR.nii.gz")

@@ -512,9 +512,10 @@ def keep_large_allocations() -> bool:
     (its gradient: 80 MB at paper size). glibc serves blocks over 32 MB with a fresh
     ``mmap``, so each step page-faults that memory in again: a 92 MB ``torch.zeros``
     took 24 ms instead of 2.5 ms, about a fifth of a CPU step (docs/fast-engine.md,
-    round 4). Raising the mmap and trim thresholds keeps such blocks in the heap;
-    peak RSS is unchanged because the step's working set is. No-op (False) where
-    the C library is not glibc. Process-wide and idempotent.
+    round 4). Raising the mmap and trim thresholds keeps such blocks in the heap.
+    Freed blocks then stay mapped, so peak RSS rises somewhat (paper size: 1.1 GB
+    -> 1.3-1.7 GB). No-op (False) where the C library is not glibc. Process-wide
+    and idempotent.
     """
     if not sys.platform.startswith("linux"):
         return False
