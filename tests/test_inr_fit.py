@@ -201,6 +201,7 @@ def test_foreground_sampling_and_foreground_inference(phantom, caplog):
         ({"overrides": {"epoch": 1}}, "unknown preset override"),
         ({"device": "tpu"}, "unknown device"),
         ({"out_mask": np.zeros((N, N, N), bool)}, "out_mask"),
+        ({"affine": np.full((4, 4), np.nan)}, "finite 4x4"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(phantom, kwargs, message):

@@ -348,8 +348,9 @@ def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> t
     shape = tuple(int(n) for n in out_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"out_shape must be 3 positive integers, got {out_shape}")
-    if np.shape(out_affine) != (4, 4):
-        raise ValueError("out_affine must be a 4x4 matrix")
+    # (a NaN would reach the grid lookup as an invalid node index)
+    if np.shape(out_affine) != (4, 4) or not np.all(np.isfinite(out_affine)):
+        raise ValueError("out_affine must be a finite 4x4 matrix")
     if out_mask is not None and (np.shape(out_mask) != shape or not np.any(out_mask)):
         raise ValueError(f"out_mask must have shape {shape} and be non-empty")
     return shape  # type: ignore[return-value]
