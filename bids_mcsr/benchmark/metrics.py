@@ -23,12 +23,21 @@ from skimage.metrics import structural_similarity
 from ..inr.mi import mutual_information
 
 
-def minmax_in_mask(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(img - min) / (max - min)`` with min/max taken inside ``mask`` (float64)."""
+def minmax_in_mask(img: np.ndarray, mask: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """``(img - min) / (max - min)`` with min/max of ``ref`` (default: ``img``) inside ``mask``.
+
+    float64, same shape as ``img``.
+    """
     img = np.asarray(img, dtype=np.float64)
-    vals = img[mask]
+    vals = (img if ref is None else np.asarray(ref, dtype=np.float64))[mask]
     lo, hi = vals.min(), vals.max()
     return (img - lo) / (hi - lo if hi > lo else 1.0)
+
+
+def _psnr_db(p: np.ndarray, t: np.ndarray, where: np.ndarray) -> float:
+    """PSNR (dB, data range 1) of normalised images ``p`` against ``t`` over ``where``."""
+    mse = float(np.mean((p[where] - t[where]) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
 def psnr(
@@ -43,9 +52,7 @@ def psnr(
     where = mask if region is None else mask & np.asarray(region, dtype=bool)
     if not where.any():
         raise ValueError("psnr: the scoring region is empty")
-    p, t = minmax_in_mask(pred, mask), minmax_in_mask(truth, mask)
-    mse = float(np.mean((p[where] - t[where]) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    return _psnr_db(minmax_in_mask(pred, mask), minmax_in_mask(truth, mask), where)
 
 
 def psnr_truth_range(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
@@ -56,11 +63,7 @@ def psnr_truth_range(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> f
     out-of-range voxels cost only their own error.
     """
     mask = np.asarray(mask, dtype=bool)
-    t = np.asarray(truth, dtype=np.float64)[mask]
-    span = t.max() - t.min()
-    err = (np.asarray(pred, dtype=np.float64)[mask] - t) / (span if span > 0 else 1.0)
-    mse = float(np.mean(err**2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    return _psnr_db(minmax_in_mask(pred, mask, ref=truth), minmax_in_mask(truth, mask), mask)
 
 
 def ssim(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, win_size: int = 7) -> float:
