@@ -322,3 +322,49 @@ def test_cpu_fits_tune_the_allocator(phantom, monkeypatch):
     monkeypatch.setattr(fit_mod, "keep_large_allocations", lambda: calls.append(True))
     fit(phantom, overrides={"epochs": 1})
     assert calls == [True]
+
+
+def test_reach_limited_diffusion_targets_only_nodes_between_point_sampled_slices():
+    from bids_mcsr import geometry
+    from bids_mcsr.inr import fit
+    from bids_mcsr.inr.encoding import build_encoding
+    from bids_mcsr.inr.presets import resolve
+
+    with pytest.raises(ValueError, match="diffusion_reach"):
+        resolve("fast", {"diffusion_reach": -1.0})
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])  # point-sampled slices at z = 0, 4, 8, 12 mm
+    data = np.ones((16, 16, 4), np.float32)
+    contrast = Contrast("A", data, aff, slice_thickness=1.0)
+    cfg = resolve(
+        "fast",
+        {
+            "diffusion": 1.0,
+            "diffusion_reach": 0.5,
+            "encoding_params": {"n_levels": 2, "coarsest_mm": 4.0, "finest_mm": 1.0},
+        },
+    )
+    norm = geometry.CoordinateNormaliser.from_inputs([(data.shape, aff)])
+    ts = fit._training_set([contrast], [aff], [(0.0, 1.0)], cfg, norm, torch.device("cpu"))
+    enc = build_encoding(cfg.encoding, {**cfg.encoding_params, "half_extent_mm": norm.half_extent})
+    assert enc.resolutions == [5, 17]  # 4 mm and 1 mm nodes over z = -2 .. 14 mm
+    coarse, fine = fit._diffusion_strength(
+        enc, ts, cfg, fit.slice_spacing(contrast), norm.half_extent
+    )
+    # 4 mm nodes are never farther than 2 mm from a slice: not counted, not diffused
+    assert coarse is None
+    z_nodes = norm.centre[2] + norm.half_extent * np.linspace(-1, 1, 17)
+    on_slice = np.isin(np.round(z_nodes), [0, 4, 8, 12])
+    column = fine[:, 8, 8, 0].numpy()  # [z, y, x]: the centre column along z
+    assert column.tolist() == np.where(on_slice, 0.0, 1.0).tolist()
+
+
+def test_sample_gap_is_the_stretch_no_training_point_covers():
+    from bids_mcsr.inr.fit import sample_gap
+
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    data = np.zeros((4, 4, 3), np.float32)
+    # point samples leave the whole 4 mm spacing; a contiguous 4 mm box over 4
+    # points (offsets -1.5 .. 1.5 mm) leaves 1 mm; a 2 mm box over 4 points 2.5 mm
+    assert sample_gap(Contrast("A", data, aff, slice_thickness=1.0), 4, 4) == pytest.approx(4.0)
+    assert sample_gap(Contrast("A", data, aff), 4, 4) == pytest.approx(1.0)
+    assert sample_gap(Contrast("A", data, aff, slice_thickness=2.0), 4, 4) == pytest.approx(2.5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bids_mcsr.inr.encoding import ENCODINGS, build_encoding
-from bids_mcsr.inr.grid import DenseGridEncoding, level_resolutions
+from bids_mcsr.inr.grid import DenseGridEncoding, level_resolutions, reach_strength
 
 
 def test_level_resolutions_are_geometric_between_the_bounds():
@@ -168,7 +168,16 @@ def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fiel
     )
 
 
-def test_diffusion_setting_is_validated_and_recorded():
+@pytest.mark.parametrize(
+    ("encoding", "thickness", "reach", "applied"),
+    [
+        ("dense-grid", None, 0.0, True),  # uniform diffusion: every node, any slices
+        ("dense-grid", 1.0, 1.0, True),  # point samples 4 mm apart leave fine nodes out
+        ("dense-grid", None, 1.0, False),  # contiguous 4 mm box slices reach every node
+        ("fourier", None, 0.0, False),  # no nodes to diffuse
+    ],
+)
+def test_diffusion_setting_is_validated_and_recorded(encoding, thickness, reach, applied):
     from bids_mcsr.inr.fit import Contrast, fit_contrasts
     from bids_mcsr.inr.presets import resolve
 
@@ -178,24 +187,60 @@ def test_diffusion_setting_is_validated_and_recorded():
         resolve("fast", {"diffusion_every": 0})
     aff = np.diag([1.0, 1.0, 4.0, 1.0])
     data = np.random.default_rng(0).random((8, 8, 2)).astype(np.float32)
-    applied = {}
-    for encoding in ("dense-grid", "fourier"):
-        params = {} if encoding == "dense-grid" else {"n_frequencies": 8}
-        res = fit_contrasts(
-            [Contrast("A", data, aff)],
-            (8, 8, 8),
-            np.eye(4),
-            preset="fast",
-            architecture="single",
-            overrides={
-                "encoding": encoding,
-                "encoding_params": params,
-                "epochs": 1,
-                "diffusion": 0.3,
-            },
-            nthreads=1,
-            progress=False,
-        )
-        applied[encoding] = res.config["diffusion_applied"]
-    # Fourier features have no nodes: diffusion is skipped, and the config says so
-    assert applied == {"dense-grid": True, "fourier": False}
+    params = {} if encoding == "dense-grid" else {"n_frequencies": 8}
+    res = fit_contrasts(
+        [Contrast("A", data, aff, slice_thickness=thickness)],
+        (8, 8, 8),
+        np.eye(4),
+        preset="fast",
+        architecture="single",
+        overrides={
+            "encoding": encoding,
+            "encoding_params": params,
+            "epochs": 1,
+            "diffusion": 0.3,
+            "diffusion_reach": reach,
+        },
+        nthreads=1,
+        progress=False,
+    )
+    assert res.config["diffusion_applied"] is applied
+
+
+def test_reach_sums_each_points_trilinear_weights_on_its_eight_nodes():
+    enc = DenseGridEncoding(n_levels=2, base_resolution=5, max_resolution=9, features_per_level=1)
+    # node spacing 0.5 on the coarse level: (0.25, 0, 0) sits halfway between x-nodes 2 and 3
+    pts = torch.tensor([[0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    coarse, fine = enc.reach(pts, torch.tensor([1.0, 2.0]))
+    assert coarse.shape == (5, 5, 5) and fine.shape == (9, 9, 9)
+    assert float(coarse[2, 2, 2]) == pytest.approx(0.5 + 2.0)  # [z, y, x]
+    assert float(coarse[2, 2, 3]) == pytest.approx(0.5)
+    assert float(coarse.sum()) == pytest.approx(3.0) and int((coarse > 0).sum()) == 2
+    # the same weights as the lookup's gradient (one unit per point, 8 nodes each)
+    many = torch.rand(500, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    enc(many).sum().backward()
+    for level, reach in zip(enc.levels, enc.reach(many), strict=True):
+        torch.testing.assert_close(reach, level.grad[..., 0])
+
+
+def test_reach_strength_ramps_from_untouched_to_threshold():
+    reach = [torch.tensor([[[0.0, 0.25, 0.5, 2.0]]])]
+    (s,) = reach_strength(reach, 0.5)
+    assert s.shape == (1, 1, 4, 1)
+    assert s[..., 0].flatten().tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="threshold"):
+        reach_strength(reach, 0.0)
+
+
+def test_diffusion_with_strength_moves_only_the_weak_nodes():
+    enc = DenseGridEncoding(n_levels=1, base_resolution=5, max_resolution=5, features_per_level=2)
+    with torch.no_grad():
+        enc.levels[0].zero_()
+        enc.levels[0][2, 2, 2] = 6.0
+    strength = torch.zeros(5, 5, 5, 1)
+    strength[2, 2, 3] = 1.0  # one neighbour of the spike may move, nothing else
+    enc.diffuse_(0.6, [strength])
+    level = enc.levels[0].detach()
+    assert level[2, 2, 3].tolist() == pytest.approx([0.6, 0.6])  # 0.6 x (mean 1 - 0)
+    assert level[2, 2, 2].tolist() == [6.0, 6.0]
+    assert float(level.abs().sum()) == pytest.approx(12.0 + 1.2)

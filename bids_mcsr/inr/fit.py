@@ -65,7 +65,7 @@ from torch import nn
 
 from .. import geometry
 from ..resample import profile_offsets
-from . import grid  # noqa: F401  (registers the "dense-grid" encoding)
+from . import grid  # also registers the "dense-grid" encoding
 from . import mi as mi_mod
 from .encoding import ENCODINGS, build_encoding
 from .model import build_field
@@ -220,6 +220,7 @@ def fit_contrasts(
         runs = []
         for k, (fld, ts) in enumerate(zip(fields, sets, strict=True)):
             label = f"{architecture} {'/'.join(group_names[k])}"
+            n_k = ts.offsets.shape[1]
             runs.append(
                 _train(
                     fld,
@@ -232,6 +233,7 @@ def fit_contrasts(
                     label,
                     progress,
                     normaliser.half_extent,
+                    max(sample_gap(contrasts[i], cfg.profile_samples, n_k) for i in groups[k]),
                 )
             )
 
@@ -371,11 +373,29 @@ def _intensity_scale(c: Contrast, percentiles: tuple[float, float]) -> tuple[flo
     return float(lo), float(hi)
 
 
+def slice_spacing(c: Contrast) -> float:
+    """Distance (mm) between ``c``'s slices: its voxel size along the slice axis."""
+    return float(geometry.voxel_sizes(c.affine)[geometry.slice_axis(c.affine)])
+
+
+def sample_gap(c: Contrast, profile_samples: int, n_points: int) -> float:
+    """Widest stretch (mm) along ``c``'s slice axis that none of its training points cover.
+
+    Point samples (``profile_points`` 1) leave the whole slice spacing between
+    slice centres; a box profile spread over ``n_points`` points (``profile_offsets``)
+    covers ``thickness * (n_points - 1) / n_points`` of it, so contiguous slices
+    leave about one point spacing.
+    """
+    if profile_points(c, profile_samples) == 1:
+        return slice_spacing(c)
+    return max(0.0, slice_spacing(c) - slice_thickness(c) * (n_points - 1) / n_points)
+
+
 def slice_thickness(c: Contrast) -> float:
     """The slice thickness (mm) the forward model integrates for ``c``."""
     if c.slice_thickness is not None:
         return float(c.slice_thickness)
-    return float(geometry.voxel_sizes(c.affine)[geometry.slice_axis(c.affine)])
+    return slice_spacing(c)
 
 
 def profile_points(c: Contrast, profile_samples: int) -> int:
@@ -656,6 +676,7 @@ def _train(
     label,
     progress,
     half_extent_mm: float,
+    sample_gap_mm: float,
 ) -> _Trained:
     n_out = len(names)
     k = ts.offsets.shape[1]
@@ -669,6 +690,9 @@ def _train(
     # Encodings without nodes to diffuse (Fourier features) ignore the setting;
     # the config records whether it applied ("diffusion_applied").
     diffuse = getattr(fld.encoding, "diffuse_", None) if cfg.diffusion > 0 else None
+    strength = _diffusion_strength(fld.encoding, ts, cfg, sample_gap_mm, half_extent_mm)
+    if strength is not None and all(x is None for x in strength):
+        diffuse = None  # reach-limited, and no level has nodes the samples leave out
     monitor = cfg.early_stopping and n_out >= 2
     out = _Trained(
         mi_curve={},
@@ -702,7 +726,7 @@ def _train(
             sched.step()
             # sched.last_epoch counts the optimiser steps taken so far
             if diffuse is not None and sched.last_epoch % cfg.diffusion_every == 0:
-                diffuse(cfg.diffusion * sched.get_last_lr()[0] / cfg.lr)
+                diffuse(cfg.diffusion * sched.get_last_lr()[0] / cfg.lr, strength)
             err_sum += torch.bincount(w, weights=err.detach().double(), minlength=n_out)
             count += n_c
         out.train_s += time.perf_counter() - t0
@@ -729,6 +753,39 @@ def _train(
     if bar is not None:
         bar.close()
     return out
+
+
+def _diffusion_strength(
+    encoding, ts: _TrainingSet, cfg: Preset, sample_gap_mm: float, half_extent_mm: float
+) -> list[torch.Tensor | None] | None:
+    """Node strengths for reach-limited diffusion (``Preset.diffusion_reach``), or None.
+
+    ``sample_gap_mm``: the widest stretch between training points along a slice
+    axis (``sample_gap``). Only levels with nodes closer than half of it are
+    counted; the others are not diffused: each of their nodes inside the inputs'
+    fields of view lies within one node spacing of a sample. Contiguous box-profile
+    slices leave no such level, so nothing is counted or diffused.
+    """
+    if cfg.diffusion <= 0 or cfg.diffusion_reach <= 0 or not hasattr(encoding, "reach"):
+        return None
+    levels = [
+        k
+        for k, r in enumerate(encoding.resolutions)
+        if 2 * half_extent_mm / (r - 1) < sample_gap_mm / 2
+    ]
+    if not levels:
+        return [None] * len(encoding.resolutions)
+    chunk, n_points = 1 << 20, ts.offsets.shape[1]
+    reach = None
+    for s in range(0, len(ts.centres), chunk):
+        pts = ts.centres[s : s + chunk, None, :] + ts.offsets[ts.which[s : s + chunk]]
+        pts = pts.reshape(-1, 3)
+        part = encoding.reach(pts, torch.full((len(pts),), 1 / n_points, device=pts.device), levels)
+        if reach is None:
+            reach = part
+        else:
+            reach = [a if a is None else a.add_(b) for a, b in zip(reach, part, strict=True)]
+    return grid.reach_strength(reach, cfg.diffusion_reach)
 
 
 def _smoothness(fld, centres: torch.Tensor, step: float, gen: torch.Generator) -> torch.Tensor:

@@ -115,14 +115,19 @@ class DenseGridEncoding(nn.Module):
         self.out_dim = n_levels * features_per_level
 
     @torch.no_grad()
-    def diffuse_(self, fraction: float) -> None:
+    def diffuse_(self, fraction: float, strength: list[torch.Tensor | None] | None = None) -> None:
         """Move every node ``fraction`` of the way toward the mean of its 6 neighbours.
 
         One explicit step of heat diffusion on each level (mirror boundaries: a face
         node averages only its existing neighbours' differences). ``fraction`` in
         ``[0, 1]``; 1 replaces each node by the mean of its neighbours' values.
+        ``strength`` (per level, e.g. from ``reach_strength``: an ``(R, R, R, 1)``
+        tensor in ``[0, 1]`` that scales the step node by node, or None to leave that
+        level alone); None = 1 everywhere on every level.
         """
-        for level in self.levels:
+        for k, level in enumerate(self.levels):
+            if strength is not None and strength[k] is None:
+                continue
             x = level.data  # (D, H, W, F)
             acc = torch.zeros_like(x)
             for dim in (0, 1, 2):
@@ -133,25 +138,70 @@ class DenseGridEncoding(nn.Module):
                 acc.narrow(dim, 0, n - 1).add_(d)
                 acc.narrow(dim, 1, n - 1).sub_(d)
             # acc = sum of (neighbour - node) over the 6 neighbours = 6 (mean - node)
+            if strength is not None:
+                acc.mul_(strength[k])
             x.add_(acc, alpha=fraction / 6.0)
+
+    @torch.no_grad()
+    def reach(
+        self,
+        points: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        levels: list[int] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Summed trilinear weight that ``points`` ``(M, 3)`` put on each node, per level.
+
+        ``weights`` ``(M,)`` scales each point's share (e.g. ``1/K`` for the K points
+        of one slice profile); None = 1. ``levels``: indices of the levels to count
+        (None = all); the others get None. A counted level is one ``(R, R, R)``
+        float32 tensor indexed ``[z, y, x]`` like the levels: a node no point's cell
+        touches has reach 0; a node of a 1 mm level at the centre of a sampled 1 mm
+        voxel gets 1 from that voxel (the same weights as the lookup's gradient).
+        """
+        out: list[torch.Tensor | None] = []
+        for k, level in enumerate(self.levels):
+            if levels is not None and k not in levels:
+                out.append(None)
+                continue
+            r = level.shape[0]
+            index, w = _corner_weights(points.to(level.dtype), r)
+            if weights is not None:
+                w = w * weights.to(w.dtype)[:, None]
+            total = torch.zeros(r * r * r, dtype=torch.float32, device=level.device)
+            total.index_add_(0, index.reshape(-1), w.reshape(-1).float())
+            out.append(total.view(r, r, r))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.levels[0].dtype)
         return torch.cat([_trilinear(level, x) for level in self.levels], dim=1)
 
 
+def reach_strength(reach: list[torch.Tensor | None], threshold: float) -> list[torch.Tensor | None]:
+    """Per-node diffusion strength ``clip(1 - reach / threshold, 0, 1)``, shaped ``(R, R, R, 1)``.
+
+    ``reach`` as from ``DenseGridEncoding.reach`` (None levels stay None: not
+    diffused); ``threshold`` > 0 in the same units (summed trilinear weight). Nodes
+    the data never touch diffuse fully, nodes with at least ``threshold`` of weight
+    not at all, so diffusion fills the gaps between point-sampled slices without
+    smoothing what the inputs measured.
+    """
+    if threshold <= 0:
+        raise ValueError(f"reach threshold must be > 0, got {threshold}")
+    return [None if r is None else (1 - r / threshold).clamp_(0, 1)[..., None] for r in reach]
+
+
 #: (dx, dy, dz) of the 8 cell corners, x fastest
 _CORNERS = [(k & 1, (k >> 1) & 1, k >> 2) for k in range(8)]
 
 
-def _trilinear(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Trilinear interpolation of ``level`` ``(R, R, R, F)`` at ``x`` ``(M, 3)`` in ``[-1, 1]``.
+def _corner_weights(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat node indices ``(M, 8)`` and trilinear weights ``(M, 8)`` of points ``x`` ``(M, 3)``.
 
-    Node ``0`` sits at ``-1`` and node ``R - 1`` at ``+1`` on each axis; points
-    outside are clamped to the border. Returns ``(M, F)``; the gradient flows to
-    the level only (the coordinates are data).
+    On a level of ``r`` nodes per axis stored ``[z, y, x]`` (flat index
+    ``(z * r + y) * r + x``), node ``0`` at ``-1`` and node ``r - 1`` at ``+1``;
+    points outside are clamped to the border. No gradient (the coordinates are data).
     """
-    r = level.shape[0]
     with torch.no_grad():
         p = ((x + 1) * (0.5 * (r - 1))).clamp(0, r - 1)
         # the last cell's lower corner is node R - 2, so every corner index is valid
@@ -164,5 +214,17 @@ def _trilinear(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         weights = torch.stack(
             [both[:, dx, 0] * both[:, dy, 1] * both[:, dz, 2] for dx, dy, dz in _CORNERS], dim=1
         )
-    rows = level.reshape(r * r * r, -1)[base[:, None] + step]  # (M, 8, F)
+    return base[:, None] + step, weights
+
+
+def _trilinear(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of ``level`` ``(R, R, R, F)`` at ``x`` ``(M, 3)`` in ``[-1, 1]``.
+
+    Node ``0`` sits at ``-1`` and node ``R - 1`` at ``+1`` on each axis; points
+    outside are clamped to the border. Returns ``(M, F)``; the gradient flows to
+    the level only (the coordinates are data).
+    """
+    r = level.shape[0]
+    index, weights = _corner_weights(x, r)
+    rows = level.reshape(r * r * r, -1)[index]  # (M, 8, F)
     return (rows * weights[..., None]).sum(dim=1)
