@@ -25,7 +25,11 @@
    ``smoothness`` prior penalises output changes over ``smoothness_mm``. With
    ``diffusion`` > 0, every ``diffusion_every`` Adam steps the encoding's nodes
    (dense-grid) move that fraction (x the current learning-rate factor) toward
-   their neighbours' mean, so nodes no slice constrains do not keep noise.
+   their neighbours' mean, so nodes no slice constrains do not keep noise. With
+   ``diffusion_reach`` > 0 a node's step also shrinks with the trilinear weight the
+   training points put on it (``_diffusion_strength``), on the levels finer than
+   half the widest unsampled stretch (``sample_gap``): only the gaps between
+   point-sampled slices are filled, and contiguous box slices are left as fitted.
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
