@@ -330,8 +330,6 @@ def test_reach_limited_diffusion_targets_only_nodes_between_point_sampled_slices
     from bids_mcsr.inr.encoding import build_encoding
     from bids_mcsr.inr.presets import resolve
 
-    with pytest.raises(ValueError, match="diffusion_reach"):
-        resolve("fast", {"diffusion_reach": -1.0})
     aff = np.diag([1.0, 1.0, 4.0, 1.0])  # point-sampled slices at z = 0, 4, 8, 12 mm
     data = np.ones((16, 16, 4), np.float32)
     contrast = Contrast("A", data, aff, slice_thickness=1.0)
@@ -347,9 +345,9 @@ def test_reach_limited_diffusion_targets_only_nodes_between_point_sampled_slices
     ts = fit._training_set([contrast], [aff], [(0.0, 1.0)], cfg, norm, torch.device("cpu"))
     enc = build_encoding(cfg.encoding, {**cfg.encoding_params, "half_extent_mm": norm.half_extent})
     assert enc.resolutions == [5, 17]  # 4 mm and 1 mm nodes over z = -2 .. 14 mm
-    coarse, fine = fit._diffusion_strength(
-        enc, ts, cfg, fit.slice_spacing(contrast), norm.half_extent
-    )
+    gap = fit.sample_gap(contrast, cfg.profile_samples, ts.offsets.shape[1])
+    assert gap == 4.0  # point samples: the whole spacing
+    coarse, fine = fit._diffusion_strength(enc, ts, cfg, gap, norm.half_extent)
     # 4 mm nodes are never farther than 2 mm from a slice: not counted, not diffused
     assert coarse is None
     z_nodes = norm.centre[2] + norm.half_extent * np.linspace(-1, 1, 17)

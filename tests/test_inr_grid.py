@@ -169,6 +169,16 @@ def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fiel
 
 
 @pytest.mark.parametrize(
+    "bad", [{"diffusion": 1.5}, {"diffusion_every": 0}, {"diffusion_reach": -1.0}]
+)
+def test_diffusion_settings_are_validated(bad):
+    from bids_mcsr.inr.presets import resolve
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        resolve("fast", bad)
+
+
+@pytest.mark.parametrize(
     ("encoding", "thickness", "reach", "applied"),
     [
         ("dense-grid", None, 0.0, True),  # uniform diffusion: every node, any slices
@@ -177,14 +187,9 @@ def test_diffusion_moves_nodes_toward_their_neighbour_mean_and_keeps_linear_fiel
         ("fourier", None, 0.0, False),  # no nodes to diffuse
     ],
 )
-def test_diffusion_setting_is_validated_and_recorded(encoding, thickness, reach, applied):
+def test_diffusion_applied_is_recorded(encoding, thickness, reach, applied):
     from bids_mcsr.inr.fit import Contrast, fit_contrasts
-    from bids_mcsr.inr.presets import resolve
 
-    with pytest.raises(ValueError, match="diffusion"):
-        resolve("fast", {"diffusion": 1.5})
-    with pytest.raises(ValueError, match="diffusion"):
-        resolve("fast", {"diffusion_every": 0})
     aff = np.diag([1.0, 1.0, 4.0, 1.0])
     data = np.random.default_rng(0).random((8, 8, 2)).astype(np.float32)
     params = {} if encoding == "dense-grid" else {"n_frequencies": 8}
@@ -244,3 +249,6 @@ def test_diffusion_with_strength_moves_only_the_weak_nodes():
     assert level[2, 2, 3].tolist() == pytest.approx([0.6, 0.6])  # 0.6 x (mean 1 - 0)
     assert level[2, 2, 2].tolist() == [6.0, 6.0]
     assert float(level.abs().sum()) == pytest.approx(12.0 + 1.2)
+    before = level.clone()
+    enc.diffuse_(1.0, [None])  # None: that level is left alone
+    assert torch.equal(enc.levels[0].detach(), before)
