@@ -779,7 +779,9 @@ def _diffusion_strength(
     ]
     if not levels:
         return [None] * len(encoding.resolutions)
-    chunk, n_points = 1 << 20, ts.offsets.shape[1]
+    # about 2^20 points per pass: ~200 MB of corner indices and weights
+    n_points = ts.offsets.shape[1]
+    chunk = max(1, (1 << 20) // n_points)
     reach = None
     for s in range(0, len(ts.centres), chunk):
         pts = ts.centres[s : s + chunk, None, :] + ts.offsets[ts.which[s : s + chunk]]
