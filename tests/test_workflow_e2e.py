@@ -126,6 +126,8 @@ def test_inr_path(tmp_path):
     assert sr["PartnerContrasts"] == ["T1w"]
     assert sr["EpochsRun"] == 2 and 1 <= sr["SelectedEpoch"] <= 2
     assert sr["Config"]["trunk_width"] == 16 and sr["Config"]["batch_size"] == 2048
+    # contiguous slices (no SliceThickness: the spacing) leave no grid node to fill
+    assert sr["Config"]["diffusion_reach"] == 1.0 and sr["Config"]["diffusion_applied"] is False
     assert sr["Seed"] == 7 and sr["Device"] == "cpu"
     assert list(sr["MICurve"]) == ["T1w|FLAIR"] and len(sr["MICurve"]["T1w|FLAIR"]) == 2
     assert sorted(sr["LossCurve"]) == ["FLAIR", "T1w"]
@@ -141,6 +143,20 @@ def test_inr_path(tmp_path):
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["epochs_run"] for r in rows] == ["2", "2"]
     assert float(rows[0]["final_mi"]) == pytest.approx(sr["MICurve"]["T1w|FLAIR"][-1], abs=1e-4)
+
+
+def test_point_sampled_slices_get_their_gaps_filled(tmp_path):
+    """Sidecars saying the 4 mm slices are 1 mm thin: the engine's reach-limited grid
+    diffusion runs (and the sidecar says so), where contiguous slices skip it."""
+    bids = make_dataset(tmp_path / "bids", pair("01"))
+    for sidecar in (bids / "sub-01" / "anat").glob("*.json"):
+        sidecar.write_text(json.dumps({"MagneticFieldStrength": 3, "SliceThickness": 1.0}))
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--no-registration", *TINY_INR]) == 0
+    meta = json.loads((out / "sub-01" / "anat" / "sub-01_desc-superres_T1w.json").read_text())
+    config = meta["SuperResolution"]["Config"]
+    assert [c["profile_points"] for c in config["contrasts"]] == [1, 1]
+    assert config["diffusion_reach"] == 1.0 and config["diffusion_applied"] is True
 
 
 def _mni_pair(shift_mm) -> dict[str, bytes]:
