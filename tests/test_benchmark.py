@@ -16,8 +16,11 @@ import pytest
 
 from bids_mcsr.benchmark import metrics
 from bids_mcsr.benchmark.bench import (
+    Settings,
     _add_spline_gains,
+    combine_seeds,
     merge,
+    method_seeds,
     output_path,
     quick_failures,
     render,
@@ -393,6 +396,79 @@ def test_merge_scores_a_run_against_another_runs_spline(tmp_path, capsys):
     assert "other.json: not a benchmark results.json" in err and "machine" in err
 
 
+def _seed_run(seed: int, psnr: float, wall: float, rss: float, epochs: int) -> tuple:
+    record = {
+        "wall_s": wall,
+        "wall_s_runs": [wall],
+        "fit_s": wall - 5,
+        "peak_rss_mb": rss,
+        "regridded": False,
+        "command": f"run.py --seed {seed}",
+    }
+    facts = {"samples_per_s": 1000.0 * (seed + 1), "epochs": epochs, "device": "cpu"}
+    scores = {"psnr": psnr, "psnr_tr": psnr + 2, "ssim": 0.9 + seed / 100, "eps_mi": 0.1}
+    return seed, record, facts, scores
+
+
+def test_combine_seeds_takes_medians_and_keeps_each_seed():
+    runs = [
+        _seed_run(0, 26.5, 110.0, 1600.0, 6),
+        _seed_run(1, 27.25, 130.0, 1700.0, 5),
+        _seed_run(2, 25.0, 120.0, 1650.0, 6),
+    ]
+    row = combine_seeds(runs)
+    assert row["psnr"] == 26.5 and row["psnr_tr"] == 28.5 and row["ssim"] == pytest.approx(0.91)
+    assert row["wall_s"] == 120.0 and row["wall_s_runs"] == [110.0, 130.0, 120.0]
+    assert row["fit_s"] == 115.0 and row["peak_rss_mb"] == 1700.0
+    assert row["epochs"] == 6 and row["samples_per_s"] == 2000.0
+    assert [r["seed"] for r in row["seed_runs"]] == [0, 1, 2]
+    assert row["seed_runs"][1] == {
+        "seed": 1,
+        "psnr": 27.25,
+        "psnr_tr": 29.25,
+        "ssim": 0.91,
+        "eps_mi": 0.1,
+    }
+    assert runs[0][3]["psnr"] == 26.5  # the inputs are not modified
+    # one seed: the run as it is, no per-seed list
+    single = combine_seeds(runs[:1])
+    assert single["psnr"] == 26.5 and "seed_runs" not in single
+    # a failed seed fails the row
+    bad = (3, {"error": "exit 1; see x.log", "log_tail": []}, {}, {})
+    assert combine_seeds([*runs, bad]) == {"error": "exit 1; see x.log", "log_tail": []}
+
+
+def test_method_seeds_and_the_per_seed_table(tmp_path):
+    s = Settings(
+        cases=[],
+        methods=["spline", "split-head"],
+        modes=["paper"],
+        views=["sagittal"],
+        data_dir=tmp_path,
+        out=tmp_path,
+        seeds=[0, 1, 2],
+    )
+    assert method_seeds(s, "split-head") == [0, 1, 2] and method_seeds(s, "paper") == [0, 1, 2]
+    assert method_seeds(s, "spline") == [0]  # deterministic without registration
+    s.registration = True  # registration samples with the seed: spline varies too
+    assert method_seeds(s, "spline") == [0, 1, 2]
+    row = {
+        **_rows()[1],
+        "seeds": [0, 1, 2],
+        **combine_seeds(
+            [_seed_run(0, 26.5, 1, 1, 6), _seed_run(1, 27.25, 1, 1, 6), _seed_run(2, 25.0, 1, 1, 6)]
+        ),
+    }
+    results = _results([_rows()[0], row])
+    results["settings"]["seeds"] = [0, 1, 2]
+    md = render(results)
+    assert "seeds [0, 1, 2] (metrics = median over seeds)" in md
+    assert "Per seed (the rows above give the medians):" in md
+    assert "| c | paper | sagittal | T1w | split-head | 1 | 27.25 | 29.25 | 0.9100 |" in md
+    assert "| c | paper | sagittal | T1w | split-head | 26.50 |" in md  # the median row
+    assert "seeds 0," in render(_results(_rows()))  # a single seed (older runs: no key)
+
+
 # --- the quick benchmark end to end ---------------------------------------------------
 
 
@@ -442,7 +518,20 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
     out = tmp_path / "out"
     hr = [str(tmp_path / "sub-x_T1w.nii.gz"), str(tmp_path / "sub-x_T2w.nii.gz")]
     code = main(
-        ["--cases", "--hr", *hr, "--methods", "spline", "--modes", "profile", "--out", str(out)]
+        [
+            "--cases",
+            "--hr",
+            *hr,
+            "--methods",
+            "spline",
+            "--modes",
+            "profile",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "4",
+        ]
     )
     assert code == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -451,6 +540,8 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
         ("user", "T2w", "spline"),
     ]
     for r in rows:
+        # spline is deterministic: it runs once, with the first seed, into its own folder
+        assert r["seeds"] == [3] and "seed_runs" not in r and "--seed 3" in r["command"]
         assert not r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["eps_hat"] >= 0
     assert "| user | profile | sagittal | T1w | spline |" in capsys.readouterr().out

@@ -5,6 +5,7 @@ Examples::
     python -m bids_mcsr.benchmark --quick                 # CI-sized check (< 3 min)
     python -m bids_mcsr.benchmark                         # full table (hours on CPU)
     python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --repeats 3
+    python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --seed 0 1 2
     python -m bids_mcsr.benchmark --cases --hr T1w=t1.nii.gz T2w=t2.nii.gz
 
 Exit status: 0 done (and, with --quick, split-head beat spline on every
@@ -96,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs of the paper preset (the paper's 50 take ~10 h per case on CPU)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="S",
+        help="seed(s) of the fits; with several, each INR method runs once per seed and the "
+        "table gives the median of every metric (each seed's own in a second table)",
+    )
     p.add_argument(
         "--registration",
         action="store_true",
@@ -165,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=a.epochs,
             paper_epochs=a.paper_epochs,
             device=a.device,
-            seed=a.seed,
+            seeds=list(dict.fromkeys(a.seed)),
             registration=a.registration,
             timeout_s=a.timeout,
         )

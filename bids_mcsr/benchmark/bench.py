@@ -7,6 +7,10 @@ Work layout under ``out``::
     work/<case>_<mode>_<view>/<method>/         the app's --work-dir
     logs/<case>_<mode>_<view>_<method>_<repeat>.log
     results.json, results.md
+
+With several seeds, every INR method runs once per seed into ``<method>_seed-<S>``
+(and ``..._<method>_seed-<S>_<repeat>.log``); its table row holds the median of each
+metric over the seeds, and ``seed_runs`` keeps every seed's own scores.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from . import metrics
 from .cases import QUICK_CASE, Case, load_case, user_case
 from .dataset import write_case_dataset
 from .runner import INR_METHODS, METHODS, REPO, app_command, run_child
-from .table import LESION_COLUMNS, MAIN_COLUMNS, markdown_table
+from .table import LESION_COLUMNS, MAIN_COLUMNS, format_value, markdown_table
 
 
 @dataclass
@@ -50,7 +54,9 @@ class Settings:
     epochs: int | None = None  # all INR methods but ``paper``; None = preset default
     paper_epochs: int = 1
     device: str = "auto"
-    seed: int = 0
+    # INR methods run once per seed (the table gives medians); a deterministic method
+    # (spline without registration) runs with the first only
+    seeds: list[int] = field(default_factory=lambda: [0])
     registration: bool = False
     timeout_s: float | None = None
     thickness: int = 4
@@ -134,25 +140,35 @@ def _fit_fields(sidecar: dict, method: str) -> dict:
     }
 
 
+def method_seeds(s: Settings, method: str) -> list[int]:
+    """The seeds ``method`` runs with: all for an INR (or with registration), else the first."""
+    return list(s.seeds) if method in INR_METHODS or s.registration else list(s.seeds[:1])
+
+
+def _run_name(method: str, seed: int, n_seeds: int) -> str:
+    """Folder (and log) name of one method's run: ``<method>``, or ``<method>_seed-<S>``."""
+    return method if n_seeds == 1 else f"{method}_seed-{seed}"
+
+
 def _run_method(
-    s: Settings, case: Case, key: str, bids_dir: Path, method: str
+    s: Settings, case: Case, key: str, bids_dir: Path, method: str, seed: int, name: str
 ) -> tuple[dict, dict[str, dict], dict[str, np.ndarray] | None]:
-    """Run one method ``s.repeats`` times.
+    """Run one method with one seed ``s.repeats`` times into ``derivatives/<key>/<name>``.
 
     Returns the record common to all contrasts (timings, or ``error``), the
     per-contrast fit facts from the sidecars, and the predictions (None on failure).
     """
-    out_dir = s.out / "derivatives" / key / method
+    out_dir = s.out / "derivatives" / key / name
     epochs = s.paper_epochs if method == "paper" else s.epochs if method in INR_METHODS else None
     cmd = app_command(
         bids_dir,
         out_dir,
         case.label,
         method,
-        work_dir=s.out / "work" / key / method,
+        work_dir=s.out / "work" / key / name,
         epochs=epochs,
         device=s.device,
-        seed=s.seed,
+        seed=seed,
         overwrite=True,
     )
     if not s.registration:
@@ -160,8 +176,8 @@ def _run_method(
     outputs = {c: output_path(out_dir, case, c) for c in case.contrasts}
     walls, fits, rss = [], [], []
     for r in range(s.repeats):
-        run = run_child(cmd, s.out / "logs" / f"{key}_{method}_{r}.log", s.timeout_s)
-        _log(f"{key} {method} run {r + 1}/{s.repeats}: exit {run.returncode}, {run.wall_s:.1f} s")
+        run = run_child(cmd, s.out / "logs" / f"{key}_{name}_{r}.log", s.timeout_s)
+        _log(f"{key} {name} run {r + 1}/{s.repeats}: exit {run.returncode}, {run.wall_s:.1f} s")
         missing = [p for p in outputs.values() if not p.is_file()]
         if run.returncode != 0 or missing:
             why = f"exit {run.returncode}" + (f", no {missing[0].name}" if missing else "")
@@ -186,6 +202,59 @@ def _run_method(
         "command": " ".join(cmd[1:]),
     }
     return record, facts, preds
+
+
+#: Metrics whose per-seed values are kept and whose median is the table's value.
+SEED_METRICS = (
+    "psnr",
+    "psnr_tr",
+    "ssim",
+    "eps_mi",
+    "eps_hat",
+    "lesion_psnr",
+    "lesion_contrast",
+)
+
+
+def combine_seeds(runs: Sequence[tuple[int, dict, dict, dict]]) -> dict:
+    """One row's fields for one contrast from its per-seed ``(seed, record, facts, scores)``.
+
+    A single run is returned as it is. For several: each of ``SEED_METRICS`` is the
+    median over the seeds, wall and fit seconds the median over every run, peak RSS
+    the maximum, integer facts (epochs) the lower median; ``seed_runs`` lists each
+    seed's own metrics. Any failed seed fails the row (its ``error`` is kept).
+    """
+    if len(runs) == 1:
+        _, record, facts, scores = runs[0]
+        return {**record, **facts, **scores}
+    failed = [record for _, record, _, _ in runs if "error" in record]
+    if failed:
+        return dict(failed[0])
+    first = runs[0]
+    row = {**first[1], **first[2], **first[3]}
+    row["wall_s_runs"] = [w for _, record, _, _ in runs for w in record["wall_s_runs"]]
+    row["wall_s"] = statistics.median(row["wall_s_runs"])
+    fits = [record["fit_s"] for _, record, _, _ in runs if record.get("fit_s") is not None]
+    row["fit_s"] = statistics.median(fits) if fits else None
+    row["peak_rss_mb"] = max(record["peak_rss_mb"] for _, record, _, _ in runs)
+    row["regridded"] = any(record["regridded"] for _, record, _, _ in runs)
+    for key, middle in (
+        ("samples_per_s", statistics.median),
+        ("epochs", statistics.median_low),
+        ("selected_epoch", statistics.median_low),
+    ):
+        values = [facts[key] for _, _, facts, _ in runs if facts.get(key) is not None]
+        if values:
+            row[key] = middle(values)
+    for key in SEED_METRICS:
+        values = [scores[key] for _, _, _, scores in runs if key in scores]
+        if len(values) == len(runs):
+            row[key] = statistics.median(values)
+    row["seed_runs"] = [
+        {"seed": seed, **{k: scores[k] for k in SEED_METRICS if k in scores}}
+        for seed, _, _, scores in runs
+    ]
+    return row
 
 
 def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> dict[str, dict]:
@@ -260,11 +329,22 @@ def run_benchmark(s: Settings) -> dict:
                 write_case_dataset(case, bids_dir, mode, view, s.thickness)
                 for method in s.methods:
                     base = {"case": case.name, "mode": mode, "view": view, "method": method}
-                    record, facts, preds = _run_method(s, case, key, bids_dir, method)
-                    scores = score(case, preds, wm) if preds is not None else {}
+                    seeds = method_seeds(s, method)
+                    runs = []
+                    for seed in seeds:
+                        name = _run_name(method, seed, len(seeds))
+                        record, facts, preds = _run_method(
+                            s, case, key, bids_dir, method, seed, name
+                        )
+                        scores = score(case, preds, wm) if preds is not None else {}
+                        runs.append((seed, record, facts, scores))
                     for c in case.scored:
-                        row = {**base, "contrast": c, **record, **facts.get(c, {})}
-                        results["rows"].append({**row, **scores.get(c, {})})
+                        per_contrast = [
+                            (seed, record, facts.get(c, {}), scores.get(c, {}))
+                            for seed, record, facts, scores in runs
+                        ]
+                        row = {**base, "contrast": c, "seeds": seeds}
+                        results["rows"].append({**row, **combine_seeds(per_contrast)})
                     # Saved after every method, so an interrupted run keeps its results.
                     _add_spline_gains(results["rows"])
                     save(results, s.out)
@@ -281,10 +361,33 @@ def _header(results: dict) -> list[str]:
         f"- machine: {m['cpu']}, {m['cores']} cores, GPU: {gpu}; Python {m['python']}, torch {m['torch']}",
         f"- settings: cases {st['cases']}, methods {st['methods']}, modes {st['modes']}, partner "
         f"views {st['views']}, slice thickness {st['thickness']} mm, repeats {st['repeats']} "
-        f"(wall s = median), epochs {st['epochs'] or 'preset default'}, paper preset epochs "
+        f"(wall s = median), seeds {_seeds_text(st)}, "
+        f"epochs {st['epochs'] or 'preset default'}, paper preset epochs "
         f"{st['paper_epochs']}, registration "
         f"{'on' if st['registration'] else 'off (--no-registration)'}",
     ]
+
+
+def _seeds_text(settings: dict) -> str:
+    seeds = settings.get("seeds", [settings.get("seed", 0)])  # runs before --seed took several
+    return str(seeds[0]) if len(seeds) == 1 else f"{seeds} (metrics = median over seeds)"
+
+
+def seed_table(rows: Sequence[dict]) -> str:
+    """Markdown: each seed's PSNR / truth-range PSNR / SSIM for rows run with several seeds."""
+    lines = [
+        "| case | mode | partner view | contrast | method | seed | PSNR dB | PSNR truth-range dB "
+        "| SSIM |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for run in r.get("seed_runs", []):
+            cells = [r["case"], r["mode"], r["view"], r["contrast"], r["method"], str(run["seed"])]
+            cells += [
+                format_value(run.get(k), d) for k, d in (("psnr", 2), ("psnr_tr", 2), ("ssim", 4))
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def render(results: dict) -> str:
@@ -301,6 +404,9 @@ def render(results: dict) -> str:
     lesion_rows = [r for r in results["rows"] if "lesion_psnr" in r]
     if lesion_rows:
         lines += ["", markdown_table(lesion_rows, LESION_COLUMNS)]
+    seeded = [r for r in results["rows"] if r.get("seed_runs")]
+    if seeded:
+        lines += ["", "Per seed (the rows above give the medians):", "", seed_table(seeded)]
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
         lines += ["", "Failed runs:"]
