@@ -366,3 +366,80 @@ def test_sample_gap_is_the_stretch_no_training_point_covers():
     assert sample_gap(Contrast("A", data, aff, slice_thickness=1.0), 4, 4) == pytest.approx(4.0)
     assert sample_gap(Contrast("A", data, aff), 4, 4) == pytest.approx(1.0)
     assert sample_gap(Contrast("A", data, aff, slice_thickness=2.0), 4, 4) == pytest.approx(2.5)
+
+
+def test_contiguous_slices_tell_box_profiles_from_gaps():
+    from bids_mcsr.inr.fit import contiguous_slices
+
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    data = np.zeros((4, 4, 3), np.float32)
+    box, point = Contrast("A", data, aff), Contrast("B", data, aff, slice_thickness=1.0)
+    gapped = Contrast("C", data, aff, slice_thickness=3.0)  # 3 mm slices every 4 mm
+    iso = Contrast("D", data, np.eye(4))
+    assert contiguous_slices([box, iso], 4)
+    assert not contiguous_slices([box, point], 4) and not contiguous_slices([gapped], 4)
+    # 0.9 mm in-plane: the 1 mm between profile points is contiguous for a 1 mm output only
+    fine = Contrast("E", data, np.diag([0.9, 0.9, 4.0, 1.0]))
+    assert contiguous_slices([fine], 4, out_voxel_mm=1.0) and not contiguous_slices([fine], 4)
+
+
+def test_merge_overrides_layers_nested_fields():
+    from bids_mcsr.inr.presets import merge_overrides, resolve
+
+    first = {"encoding_params": {"n_levels": 6, "finest_mm": 1.0}, "finest_margin_mm": 3.0}
+    merged = merge_overrides(first, {"encoding_params": {"finest_mm": 2.0}, "epochs": 2})
+    assert merged == {
+        "encoding_params": {"n_levels": 6, "finest_mm": 2.0},
+        "finest_margin_mm": 3.0,
+        "epochs": 2,
+    }
+    assert first["encoding_params"]["finest_mm"] == 1.0  # not modified
+    with pytest.raises(ValueError, match="contiguous_overrides takes preset fields"):
+        resolve("fast", {"contiguous_overrides": {"no_such_field": 1}})
+    with pytest.raises(ValueError, match="finest_margin_mm"):
+        resolve("fast", {"finest_margin_mm": -1.0})
+
+
+GRID = {
+    "encoding": "dense-grid",
+    "encoding_params": {"n_levels": 2, "coarsest_mm": 8.0, "finest_mm": 2.0},
+    "epochs": 1,
+    "min_steps_per_epoch": 4,
+}
+
+
+def test_contiguous_overrides_apply_to_box_slices_only_and_under_the_callers(phantom):
+    extra = {"contiguous_overrides": {"finest_margin_mm": 2.0, "mi_samples": 3000}}
+    box = fit(phantom, overrides={**GRID, **extra})  # TINY sets mi_samples 4000
+    assert box.config["contiguous_slices"] and box.config["finest_margin_mm"] == 2.0
+    assert box.config["mi_samples"] == 4000  # the caller's overrides win
+    # point-sampled slices (1 mm thick every 4 mm) leave gaps: not applied
+    _, lr, _ = phantom
+    points = [Contrast(n, lr[n][0], lr[n][1], slice_thickness=1.0) for n in ("A", "B")]
+    gapped = fit_contrasts(
+        points,
+        (N, N, N),
+        np.eye(4),
+        preset="fast",
+        overrides={**TINY, **GRID, **extra},
+        nthreads=1,
+        progress=False,
+    )
+    assert not gapped.config["contiguous_slices"] and gapped.config["finest_margin_mm"] is None
+
+
+def test_finest_level_kept_near_the_foreground_only(phantom):
+    from bids_mcsr.inr.grid import resolution_for_spacing
+
+    dense = fit(phantom, masks=True, overrides=GRID)
+    near = fit(phantom, masks=True, overrides={**GRID, "finest_margin_mm": 2.0})
+    r = resolution_for_spacing(2.0, near.config["normaliser"]["half_extent_mm"])
+    dropped, rest = divmod(dense.config["n_parameters"] - near.config["n_parameters"], 4)
+    # the ball fills about a third of the cube; with the slice profiles and the margin
+    # the nodes in the corners are dropped, 4 parameters each
+    assert rest == 0 and 0.1 * r**3 < dropped < 0.7 * r**3
+    _, _, ball = phantom
+    a_dense, a_near = dense.volumes["A"], near.volumes["A"]
+    # still a fit of the data inside the ball (not zeroed), and close to the dense one
+    assert np.isfinite(a_near).all()
+    assert np.corrcoef(a_near[ball], a_dense[ball])[0, 1] > 0.95

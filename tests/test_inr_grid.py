@@ -252,3 +252,35 @@ def test_diffusion_with_strength_moves_only_the_weak_nodes():
     before = level.clone()
     enc.diffuse_(1.0, [None])  # None: that level is left alone
     assert torch.equal(enc.levels[0].detach(), before)
+
+
+def test_restricted_level_reads_its_values_where_stored_and_zero_elsewhere():
+    torch.manual_seed(3)
+    enc = DenseGridEncoding(n_levels=2, base_resolution=4, max_resolution=9, features_per_level=2)
+    pts = torch.rand(3000, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    before = enc(pts)
+    dense_fine = enc.levels[1].detach().clone()
+    # keep the nodes with x index <= 4 (normalised x <= 0) of the 9^3 finest level
+    active = torch.zeros(9, 9, 9, dtype=torch.bool)
+    active[..., :5] = True
+    assert enc.restrict_(1, active) == 9 * 9 * 5
+    assert enc.levels[1].shape == (405, 2) and enc.levels[0].shape == (4, 4, 4, 2)
+    after = enc(pts)
+    # the coarse level is untouched; on the fine level cells with all 8 corners stored
+    # read as before, cells with none read 0
+    torch.testing.assert_close(after[:, :2], before[:, :2])
+    left, right = pts[:, 0] <= 0, pts[:, 0] > 0.25
+    torch.testing.assert_close(after[left, 2:], before[left, 2:])
+    assert torch.all(after[right, 2:] == 0)
+    # gradients reach only the stored rows; diffusion leaves the table alone
+    after[:, 2:].sum().backward()
+    assert enc.levels[1].grad.shape == (405, 2) and enc.levels[1].grad.abs().sum() > 0
+    table = enc.levels[1].detach().clone()
+    enc.diffuse_(1.0)
+    torch.testing.assert_close(enc.levels[1].detach(), table)
+    torch.testing.assert_close(table.view(9, 9, 5, 2), dense_fine[..., :5, :])
+    # the node grid is still counted on (reach), and the buffers follow state_dict
+    assert enc.reach(pts, levels=[1])[1].shape == (9, 9, 9)
+    assert "node_rows_1" in enc.state_dict()
+    with pytest.raises(ValueError, match="unrestricted level"):
+        enc.restrict_(1, active)

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import geometry
@@ -73,7 +74,7 @@ from . import grid  # also registers the "dense-grid" encoding
 from . import mi as mi_mod
 from .encoding import ENCODINGS, build_encoding
 from .model import build_field
-from .presets import Preset, json_ready, resolve
+from .presets import Preset, json_ready, merge_overrides, resolve
 
 LOG = logging.getLogger("bids_mcsr.inr")
 
@@ -187,6 +188,14 @@ def fit_contrasts(
     contrasts = list(contrasts)
     out_shape = _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask)
     cfg = resolve(preset, overrides)
+    out_voxel = float(geometry.voxel_sizes(out_affine).max())
+    contiguous = contiguous_slices(contrasts, cfg.profile_samples, out_voxel)
+    if contiguous and cfg.contiguous_overrides:
+        extra = dict(cfg.contiguous_overrides)
+        if "encoding" not in extra and cfg.encoding != resolve(preset).encoding:
+            extra.pop("encoding_params", None)  # parameters of the preset's own encoding
+        # the preset's contiguous-slice settings first, the caller's overrides on top
+        cfg = resolve(preset, merge_overrides(extra, dict(overrides or {})))
     dev = _device(device)
     names = [c.name for c in contrasts]
     if dev.type == "cpu":
@@ -301,6 +310,7 @@ def fit_contrasts(
         "samples_per_epoch": int(sum(r.samples // max(r.epochs_run, 1) for r in runs)),
         "batch_size_used": [r.batch for r in runs],
         "diffusion_applied": any(r.diffused for r in runs),
+        "contiguous_slices": contiguous,
         "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
     }
     return FitResult(
@@ -393,6 +403,26 @@ def sample_gap(c: Contrast, profile_samples: int, n_points: int) -> float:
     if profile_points(c, profile_samples) == 1:
         return slice_spacing(c)
     return max(0.0, slice_spacing(c) - slice_thickness(c) * (n_points - 1) / n_points)
+
+
+def contiguous_slices(
+    contrasts: Sequence[Contrast], profile_samples: int, out_voxel_mm: float = 0.0
+) -> bool:
+    """True when no input leaves a stretch along its slice axis wider than a voxel.
+
+    Each contrast's ``sample_gap`` with its own K (``profile_points``) is compared
+    with the larger of its in-plane voxel and ``out_voxel_mm`` (the output grid's
+    largest spacing, mm): contiguous 4 mm box-profile slices with K = 4 leave 1 mm,
+    so they are contiguous for a 1 mm output even at 0.9 mm in-plane; point samples
+    leave the whole slice spacing.
+    """
+    for c in contrasts:
+        sizes = geometry.voxel_sizes(c.affine)
+        in_plane = float(np.delete(sizes, geometry.slice_axis(c.affine)).max())
+        k = profile_points(c, profile_samples)
+        if sample_gap(c, profile_samples, k) > max(in_plane, out_voxel_mm) * (1 + 1e-6):
+            return False
+    return True
 
 
 def slice_thickness(c: Contrast) -> float:
@@ -684,6 +714,7 @@ def _train(
 ) -> _Trained:
     n_out = len(names)
     k = ts.offsets.shape[1]
+    _restrict_finest(fld.encoding, ts, cfg, half_extent_mm)
     opt = _optimizer(fld, cfg)
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
     batch = batch_size_for(pool_size, cfg)
@@ -779,19 +810,52 @@ def _diffusion_strength(
     ]
     if not levels:
         return [None] * len(encoding.resolutions)
+    return grid.reach_strength(_reach(encoding, ts, levels), cfg.diffusion_reach)
+
+
+def _reach(
+    encoding, ts: _TrainingSet, levels: list[int], foreground_only: bool = False
+) -> list[torch.Tensor | None]:
+    """``encoding.reach`` of every training point (each profile point 1/K) on ``levels``.
+
+    ``foreground_only``: count only the LR voxels inside the inputs' masks.
+    """
+    centres, which = ts.centres, ts.which
+    if foreground_only:
+        centres, which = centres[ts.foreground], which[ts.foreground]
     # about 2^20 points per pass: ~200 MB of corner indices and weights
     n_points = ts.offsets.shape[1]
     chunk = max(1, (1 << 20) // n_points)
-    reach = None
-    for s in range(0, len(ts.centres), chunk):
-        pts = ts.centres[s : s + chunk, None, :] + ts.offsets[ts.which[s : s + chunk]]
+    reach = [None] * len(encoding.resolutions)
+    for s in range(0, len(centres), chunk):
+        pts = centres[s : s + chunk, None, :] + ts.offsets[which[s : s + chunk]]
         pts = pts.reshape(-1, 3)
         part = encoding.reach(pts, torch.full((len(pts),), 1 / n_points, device=pts.device), levels)
-        if reach is None:
-            reach = part
-        else:
-            reach = [a if a is None else a.add_(b) for a, b in zip(reach, part, strict=True)]
-    return grid.reach_strength(reach, cfg.diffusion_reach)
+        reach = [b if a is None else a.add_(b) for a, b in zip(reach, part, strict=True)]
+    return reach
+
+
+def _restrict_finest(encoding, ts: _TrainingSet, cfg: Preset, half_extent_mm: float) -> None:
+    """Store the finest grid level only near the foreground (``Preset.finest_margin_mm``).
+
+    Active nodes: those the foreground LR voxels' profile points touch, dilated by
+    the margin (in whole node spacings, a cube).
+    """
+    if cfg.finest_margin_mm is None or not hasattr(encoding, "restrict_"):
+        return
+    k = len(encoding.resolutions) - 1
+    r = encoding.resolutions[k]
+    counted = _reach(encoding, ts, [k], foreground_only=True)[k]
+    if counted is None:
+        return  # no foreground voxel: keep the level dense
+    touched = counted > 0
+    nodes = math.ceil(cfg.finest_margin_mm / (2 * half_extent_mm / (r - 1)) - 1e-6)
+    if nodes > 0:
+        touched = F.max_pool3d(touched[None, None].float(), 2 * nodes + 1, stride=1, padding=nodes)[
+            0, 0
+        ].bool()
+    n = encoding.restrict_(k, touched)
+    LOG.info("finest grid level: %d of %d nodes kept near the foreground", n, r**3)
 
 
 def _smoothness(fld, centres: torch.Tensor, step: float, gen: torch.Generator) -> torch.Tensor:

@@ -113,6 +113,34 @@ class DenseGridEncoding(nn.Module):
             for r in self.resolutions
         )
         self.out_dim = n_levels * features_per_level
+        # levels passed to ``restrict_``; each has a buffer ``node_rows_<k>``: the (R^3,)
+        # int64 row of every node in the level's compact table, -1 = not stored (reads 0)
+        self.restricted: set[int] = set()
+
+    def _node_rows(self, k: int) -> torch.Tensor | None:
+        return getattr(self, f"node_rows_{k}") if k in self.restricted else None
+
+    @torch.no_grad()
+    def restrict_(self, k: int, active: torch.Tensor) -> int:
+        """Keep level ``k``'s values only at the ``active`` nodes (bool ``(R, R, R)``, ``[z, y, x]``).
+
+        The level becomes an ``(n_active, F)`` table (its current values) plus a node
+        -> row index; other nodes read 0 and have no parameters, so a fine level costs
+        memory and optimiser time only where it is needed (e.g. around the brain).
+        Call before creating the optimiser. Returns the number of stored nodes.
+        """
+        r = self.resolutions[k]
+        if k in self.restricted or tuple(active.shape) != (r, r, r):
+            raise ValueError(f"restrict_ needs an unrestricted level and a ({r}, {r}, {r}) mask")
+        flat = active.reshape(-1).to(self.levels[k].device)
+        rows = torch.full((r**3,), -1, dtype=torch.int64, device=flat.device)
+        n = int(flat.sum())
+        rows[flat] = torch.arange(n, device=flat.device)
+        table = self.levels[k].data.reshape(r**3, -1)[flat].clone()
+        self.levels[k] = nn.Parameter(table)
+        self.register_buffer(f"node_rows_{k}", rows)
+        self.restricted.add(k)
+        return n
 
     @torch.no_grad()
     def diffuse_(self, fraction: float, strength: list[torch.Tensor | None] | None = None) -> None:
@@ -126,8 +154,8 @@ class DenseGridEncoding(nn.Module):
         level alone); None = 1 everywhere on every level.
         """
         for k, level in enumerate(self.levels):
-            if strength is not None and strength[k] is None:
-                continue
+            if (strength is not None and strength[k] is None) or k in self.restricted:
+                continue  # restricted levels have no node grid to diffuse on
             x = level.data  # (D, H, W, F)
             acc = torch.zeros_like(x)
             for dim in (0, 1, 2):
@@ -163,7 +191,7 @@ class DenseGridEncoding(nn.Module):
             if levels is not None and k not in levels:
                 out.append(None)
                 continue
-            r = level.shape[0]
+            r = self.resolutions[k]
             index, w = _corner_weights(points.to(level.dtype), r)
             if weights is not None:
                 w = w * weights.to(w.dtype)[:, None]
@@ -174,7 +202,13 @@ class DenseGridEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.levels[0].dtype)
-        return torch.cat([_trilinear(level, x) for level in self.levels], dim=1)
+        return torch.cat(
+            [
+                _trilinear(level, x, self.resolutions[k], self._node_rows(k))
+                for k, level in enumerate(self.levels)
+            ],
+            dim=1,
+        )
 
 
 def reach_strength(reach: list[torch.Tensor | None], threshold: float) -> list[torch.Tensor | None]:
@@ -217,14 +251,21 @@ def _corner_weights(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     return base[:, None] + step, weights
 
 
-def _trilinear(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Trilinear interpolation of ``level`` ``(R, R, R, F)`` at ``x`` ``(M, 3)`` in ``[-1, 1]``.
+def _trilinear(
+    level: torch.Tensor, x: torch.Tensor, r: int, node_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Trilinear interpolation of a level of ``r`` nodes per axis at ``x`` ``(M, 3)`` in ``[-1, 1]``.
 
-    Node ``0`` sits at ``-1`` and node ``R - 1`` at ``+1`` on each axis; points
-    outside are clamped to the border. Returns ``(M, F)``; the gradient flows to
-    the level only (the coordinates are data).
+    ``level`` is ``(R, R, R, F)``, or with ``node_rows`` (``(R^3,)`` row of each node,
+    -1 = not stored, read as 0) an ``(n, F)`` table. Node ``0`` sits at ``-1`` and
+    node ``R - 1`` at ``+1`` on each axis; points outside are clamped to the border.
+    Returns ``(M, F)``; the gradient flows to the level only (the coordinates are data).
     """
-    r = level.shape[0]
     index, weights = _corner_weights(x, r)
-    rows = level.reshape(r * r * r, -1)[index]  # (M, 8, F)
+    if node_rows is None:
+        rows = level.reshape(r * r * r, -1)[index]  # (M, 8, F)
+    else:
+        index = node_rows[index]
+        weights = weights * (index >= 0)
+        rows = level[index.clamp(min=0)]
     return (rows * weights[..., None]).sum(dim=1)
