@@ -443,3 +443,34 @@ def test_finest_level_kept_near_the_foreground_only(phantom):
     # still a fit of the data inside the ball (not zeroed), and close to the dense one
     assert np.isfinite(a_near).all()
     assert np.corrcoef(a_near[ball], a_dense[ball])[0, 1] > 0.95
+
+
+def test_nonnegative_input_tells_magnitude_from_signed():
+    from bids_mcsr.inr.fit import nonnegative_input
+
+    data = np.ones((10, 10, 10), np.float32)
+    data.flat[:10] = -5.0  # 1 %: a few ringing voxels at an edge
+    assert nonnegative_input(Contrast("A", data, np.eye(4)))
+    data.flat[:11] = -5.0
+    assert not nonnegative_input(Contrast("A", data, np.eye(4)))
+
+
+def test_outputs_of_magnitude_inputs_are_clipped_at_zero(phantom):
+    kept = fit(phantom, overrides={"clip_negative": False})
+    clipped = fit(phantom)  # the fast preset clips
+    for name in ("A", "B"):
+        raw, out = kept.volumes[name], clipped.volumes[name]
+        n = [c["clipped_voxels"] for c in clipped.config["contrasts"] if c["name"] == name][0]
+        assert n == np.count_nonzero(raw < 0) and out.min() == 0.0
+        np.testing.assert_array_equal(out, np.maximum(raw, 0))  # same fit, only clipped
+    assert sum(c["clipped_voxels"] for c in clipped.config["contrasts"]) > 0
+    assert all(c["clipped_voxels"] is None for c in kept.config["contrasts"])
+    # a signed input (every voxel shifted below 0) keeps its sign
+    _, lr, _ = phantom
+    signed = [Contrast("A", lr["A"][0] - 2.0, lr["A"][1]), Contrast("B", *lr["B"])]
+    res = fit_contrasts(
+        signed, (N, N, N), np.eye(4), preset="fast", overrides=TINY, nthreads=1, progress=False
+    )
+    assert res.config["contrasts"][0]["clipped_voxels"] is None
+    assert res.volumes["A"].min() < -1.0
+    assert res.config["contrasts"][1]["clipped_voxels"] is not None

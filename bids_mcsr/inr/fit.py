@@ -30,6 +30,9 @@
    training points put on it (``_diffusion_strength``), on the levels finer than
    half the widest unsampled stretch (``sample_gap``): only the gaps between
    point-sampled slices are filled, and contiguous box slices are left as fitted.
+   With ``finest_margin_mm`` the finest grid level keeps only the nodes near the
+   foreground (``_restrict_finest``); ``contiguous_overrides`` are applied when
+   every input's slices are contiguous (``contiguous_slices``).
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
@@ -37,7 +40,8 @@
 6. Inference: every output voxel inside the union of the inputs' fields of view
    (``inference_region="fov"``) or inside the foreground (``"foreground"``) is
    predicted in chunks of ``infer_chunk`` points (bounded memory); other voxels
-   are 0 in the input scale. Output is float32.
+   are 0 in the input scale. Output is float32. With ``clip_negative`` the output
+   of a magnitude input (``nonnegative_input``) is clipped at 0.
 
 The output-grid foreground (for MI, and for ``inference_region="foreground"``) is
 ``out_mask`` when given, else the voxels whose centres lie inside every input's
@@ -270,10 +274,15 @@ def fit_contrasts(
             fields, region, out_shape, out_affine, normaliser, cfg.infer_chunk, dev
         )
         volumes = {}
+        clipped: list[int | None] = []
         for i, name in enumerate(names):
             lo, hi = scales[i]
             flat = np.zeros(int(np.prod(out_shape)), dtype=np.float32)
             flat[region] = pred[:, i] * np.float32(hi - lo) + np.float32(lo)
+            clipped.append(None)
+            if cfg.clip_negative and nonnegative_input(contrasts[i]):
+                clipped[i] = int(np.count_nonzero(flat < 0))
+                np.maximum(flat, 0, out=flat)
             volumes[name] = flat.reshape(out_shape)
 
     samples = sum(r.samples for r in runs)
@@ -296,8 +305,9 @@ def fit_contrasts(
                 "slice_axis": geometry.slice_axis(c.affine),
                 "slice_thickness_mm": slice_thickness(c),
                 "profile_points": profile_points(c, cfg.profile_samples),
+                "clipped_voxels": n_clipped,
             }
-            for c, (lo, hi) in zip(contrasts, scales, strict=True)
+            for c, (lo, hi), n_clipped in zip(contrasts, scales, clipped, strict=True)
         ],
         "normaliser": {
             "centre_mm": [float(v) for v in normaliser.centre],
@@ -370,6 +380,17 @@ def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> t
     if out_mask is not None and (np.shape(out_mask) != shape or not np.any(out_mask)):
         raise ValueError(f"out_mask must have shape {shape} and be non-empty")
     return shape  # type: ignore[return-value]
+
+
+def nonnegative_input(c: Contrast) -> bool:
+    """True when ``c`` looks like a magnitude image: at most 1 % of its voxels are below 0.
+
+    Interpolation upstream can leave a few negative voxels at hard edges (a cubic
+    resampling of a skull-stripped volume rings); a signed image such as a phase map has
+    a large share of them.
+    """
+    data = np.asarray(c.data)
+    return np.count_nonzero(data < 0) <= 0.01 * data.size
 
 
 def _intensity_scale(c: Contrast, percentiles: tuple[float, float]) -> tuple[float, float]:

@@ -95,6 +95,12 @@ class Preset:
     # --- inference ---
     inference_region: str = "fov"  # "fov": union of the inputs' FOVs; "foreground": MI mask
     infer_chunk: int = 32_768  # output points per forward pass (bounds memory)
+    # True: a contrast whose input is a magnitude image (fit.nonnegative_input) gets its
+    # output clipped at 0. A field (or spline) overshoots below 0 at hard edges such as a
+    # skull-stripped brain's or where the input itself rings; MR magnitude cannot be
+    # negative, and tools such as N4 reject negative voxels. Signed inputs (phase) keep
+    # their sign.
+    clip_negative: bool = False
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy (tuples become lists)."""
@@ -197,6 +203,8 @@ FAST = Preset(
         "encoding_params": {"n_levels": 6, "finest_mm": 1.0},
         "finest_margin_mm": 3.0,
     },
+    # negative outputs of magnitude inputs are overshoot (docs/fast-engine.md, round 7)
+    clip_negative=True,
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
     profile_samples=4,  # box profile: the model learns what a thick slice integrates
     # off: weight 1 rescued a seed whose point-sampled icbm-quick fit filled the slice
