@@ -448,11 +448,16 @@ def test_finest_level_kept_near_the_foreground_only(phantom):
 def test_nonnegative_input_tells_magnitude_from_signed():
     from bids_mcsr.inr.fit import nonnegative_input
 
-    data = np.ones((10, 10, 10), np.float32)
-    data.flat[:10] = -5.0  # 1 %: a few ringing voxels at an edge
+    rng = np.random.default_rng(0)
+    data = rng.uniform(1.0, 100.0, (10, 10, 10)).astype(np.float32)
+    data[:5] = -0.5  # half the voxels a hair below 0 (under 1 % of the 99th percentile)
+    data.flat[-10:] = -50.0  # 1 % far below: a few ringing voxels at an edge
     assert nonnegative_input(Contrast("A", data, np.eye(4)))
-    data.flat[:11] = -5.0
+    data.flat[-11:] = -50.0
     assert not nonnegative_input(Contrast("A", data, np.eye(4)))
+    zscored = rng.standard_normal((10, 10, 10)).astype(np.float32)
+    assert not nonnegative_input(Contrast("A", zscored, np.eye(4)))
+    assert not nonnegative_input(Contrast("A", -np.abs(zscored), np.eye(4)))
 
 
 def test_outputs_of_magnitude_inputs_are_clipped_at_zero(phantom):
