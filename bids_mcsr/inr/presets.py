@@ -74,7 +74,7 @@ class Preset:
     finest_margin_mm: float | None = None
     # Preset overrides applied (before the user's) when every input's slices are
     # contiguous: no stretch along a slice axis that the slice profile leaves out is
-    # wider than the in-plane voxel (fit.contiguous_slices). Such data constrain
+    # wider than the in-plane or output voxel (fit.contiguous_slices). Such data constrain
     # every 1 mm node, while gaps between point-sampled slices would let a 1 mm level
     # overfit; e.g. a finer grid level there. {} = none.
     contiguous_overrides: dict = dataclasses.field(default_factory=dict)
@@ -98,8 +98,8 @@ class Preset:
     # True: a contrast whose input is a magnitude image (fit.nonnegative_input) gets its
     # output clipped at 0. A field (or spline) overshoots below 0 at hard edges such as a
     # skull-stripped brain's or where the input itself rings; MR magnitude cannot be
-    # negative, and tools such as N4 reject negative voxels. Signed inputs (phase) keep
-    # their sign.
+    # negative, and tools such as N4 reject negative voxels. Signed inputs (phase maps,
+    # z-scored intensities) keep their sign.
     clip_negative: bool = False
 
     def to_dict(self) -> dict:
@@ -196,8 +196,8 @@ FAST = Preset(
     # 1 mm node, so they get a sixth level, 16 mm -> 1.0 mm (geometric), whose nodes are
     # stored only within 3 mm of the inputs' foreground (a brain fills about a sixth
     # of the field's cube). icbm2009c box profiles, medians of 3 seeds: truth-range PSNR
-    # T1w +0.21, T2w +1.17 dB, SSIM up on both; papersize 140 s end to end instead of
-    # 121 s, and less memory. Point-sampled slices keep the 5 levels: a 1 mm level
+    # T1w +0.21, T2w +1.17 dB, SSIM up on both; papersize 137.5 s end to end instead
+    # of 121 s (medians of 3), and less memory. Point-sampled slices keep the 5 levels: a 1 mm level
     # overfits their gaps (docs/fast-engine.md, rounds 6-7).
     contiguous_overrides={
         "encoding_params": {"n_levels": 6, "finest_mm": 1.0},
