@@ -394,6 +394,8 @@ def run_participant_level(args: argparse.Namespace) -> int:
         record_job_status(out_dir, job.subject, job.session, res.status, res.message, res.seconds)
         if res.status == "done":
             log.info("%s: done in %.1f s, %d files", job.name, res.seconds, len(res.outputs))
+        elif res.status == "complete" and res.message != "outputs exist":
+            log.warning("%s: %s; kept (use --overwrite to recompute)", job.name, res.message)
         elif res.status == "complete":
             log.info("%s: already complete, skipped (use --overwrite to recompute)", job.name)
         elif res.status == "skipped":

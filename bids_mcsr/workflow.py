@@ -14,6 +14,7 @@ the first chosen contrast; the effective affine of input ``i`` is
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import derivatives, masks, qc
+from . import __version__, derivatives, masks, qc
 from .discovery import Candidate, Job, select_contrasts, summarise
 from .errors import ParticipantError
 from .geometry import compose, corners_world, output_grid, voxel_sizes
 from .images import Image, load_image
+from .inr.presets import json_ready
 from .report.participant import ContrastEntry, report_path, write_participant_report
 from .resample import resample_to_grid
 
@@ -529,6 +531,33 @@ def template_record(space) -> dict:
 # -- the chain -----------------------------------------------------------------------
 
 
+def changed_settings(sidecar: Path, opts: Options) -> str:
+    """What differs between the run that wrote ``sidecar`` and ``opts`` ("" = nothing).
+
+    Compares the software version, method, preset, architecture, seed and engine
+    overrides recorded in the sidecar's ``SuperResolution``, e.g. after an upgrade
+    that changed a preset: ``"SoftwareVersion 'mcsr 0.1.0' -> 'mcsr 0.2.0'"``.
+    An unreadable sidecar counts as changed.
+    """
+    try:
+        sr = json.loads(sidecar.read_text()).get("SuperResolution", {})
+    except (OSError, ValueError):
+        return f"{sidecar.name} unreadable"
+    inr = opts.method == "inr"
+    now = {
+        "SoftwareVersion": f"{derivatives.PIPELINE_NAME} {__version__}",
+        "Method": opts.method,
+        "Preset": opts.preset if inr else None,
+        "Architecture": opts.architecture if inr else None,
+        "Seed": opts.seed,
+    }
+    before = {key: sr.get(key) for key in now}
+    if inr:
+        now["overrides"] = json_ready(opts.engine_overrides())
+        before["overrides"] = (sr.get("Config") or {}).get("overrides")
+    return "; ".join(f"{k} {before[k]!r} -> {v!r}" for k, v in now.items() if before[k] != v)
+
+
 def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult:
     """Process one participant/session; never raises for per-participant problems.
 
@@ -549,7 +578,9 @@ def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult
     space = None if opts.output_space == "native" else opts.output_space
     expected = derivatives.expected_outputs(out_dir, job.subject, job.session, chosen, space)
     if not opts.overwrite and derivatives.is_complete(expected):
-        return JobResult(job, "complete", outputs=expected, message="outputs exist")
+        changed = changed_settings(next(p for p in expected if p.suffix == ".json"), opts)
+        message = "outputs exist" + (f", made with other settings: {changed}" if changed else "")
+        return JobResult(job, "complete", outputs=expected, message=message)
 
     log.info("%s: fusing %s", job.name, summarise(chosen))
     # A run killed between writing and renaming leaves hidden temporary files;

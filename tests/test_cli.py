@@ -147,14 +147,20 @@ def test_partial_failure_exits_1_and_keeps_the_rest(bids, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_rerun_skips_complete_and_overwrite_recomputes(bids, tmp_path):
+def test_rerun_skips_complete_and_overwrite_recomputes(bids, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [str(bids), str(out), "participant", "--participant_label", "sub-01", *FAST]
     assert main(argv) == 0
     nii = out / "sub-01/anat/sub-01_desc-superres_T1w.nii.gz"
     os.utime(nii, (1_000_000, 1_000_000))
+    _err(capsys)
     assert main(argv) == 0
     assert nii.stat().st_mtime == 1_000_000
+    assert "other settings" not in _err(capsys)
+    # other settings: still kept, with a warning that names what differs
+    assert main([*argv, "--seed", "7"]) == 0
+    assert nii.stat().st_mtime == 1_000_000
+    assert "made with other settings: Seed 0 -> 7; kept (use --overwrite" in _err(capsys)
     assert not (out / "sub-02").exists()
     # a missing sidecar makes the participant incomplete: recomputed without --overwrite
     (out / "sub-01/anat/sub-01_desc-superres_T2w.json").unlink()

@@ -234,3 +234,28 @@ def test_template_space_output(tmp_path, monkeypatch):
     os.utime(nii, (1_000_000, 1_000_000))
     assert main(argv) == 0
     assert nii.stat().st_mtime == 1_000_000
+
+
+def test_changed_settings_names_what_differs_from_the_sidecar(tmp_path):
+    from bids_mcsr import __version__
+    from bids_mcsr.workflow import Options, changed_settings
+
+    sidecar = tmp_path / "sub-01_desc-superres_T1w.json"
+    sr = {
+        "SoftwareVersion": f"mcsr {__version__}",
+        "Method": "inr",
+        "Preset": "fast",
+        "Architecture": "split-head",
+        "Seed": 0,
+        "Config": {"overrides": {"epochs": 2}},
+    }
+    sidecar.write_text(json.dumps({"SuperResolution": sr}))
+    assert changed_settings(sidecar, Options(epochs=2)) == ""
+    assert changed_settings(sidecar, Options()) == "overrides {'epochs': 2} -> {}"
+    sr["SoftwareVersion"] = "mcsr 0.0.1"
+    sidecar.write_text(json.dumps({"SuperResolution": sr}))
+    assert changed_settings(sidecar, Options(epochs=2, preset="paper")) == (
+        f"SoftwareVersion 'mcsr 0.0.1' -> 'mcsr {__version__}'; Preset 'fast' -> 'paper'"
+    )
+    sidecar.write_text("{")
+    assert changed_settings(sidecar, Options()) == f"{sidecar.name} unreadable"
