@@ -371,7 +371,7 @@ def run_participant_level(args: argparse.Namespace) -> int:
     from . import derivatives
     from .discovery import find_jobs, open_layout
     from .report.group import record_job_status
-    from .workflow import run_job
+    from .workflow import OUTPUTS_EXIST, run_job
 
     bids_dir = args.bids_dir.resolve()
     out_dir = ensure_writable(args.output_dir.resolve(), "output_dir")
@@ -394,7 +394,7 @@ def run_participant_level(args: argparse.Namespace) -> int:
         record_job_status(out_dir, job.subject, job.session, res.status, res.message, res.seconds)
         if res.status == "done":
             log.info("%s: done in %.1f s, %d files", job.name, res.seconds, len(res.outputs))
-        elif res.status == "complete" and res.message != "outputs exist":
+        elif res.status == "complete" and res.message != OUTPUTS_EXIST:
             log.warning("%s: %s; kept (use --overwrite to recompute)", job.name, res.message)
         elif res.status == "complete":
             log.info("%s: already complete, skipped (use --overwrite to recompute)", job.name)

@@ -33,6 +33,8 @@ from .discovery import NAME_ENTITIES, Candidate
 
 DESC = "superres"
 PIPELINE_NAME = "mcsr"
+#: ``SuperResolution.SoftwareVersion`` of every sidecar this version writes
+SOFTWARE_VERSION = f"{PIPELINE_NAME} {__version__}"
 CODE_URL = "https://github.com/mcsr-bids/mcsr"
 BIDS_VERSION = "1.9.0"
 #: Name under which the raw dataset is referenced in BIDS URIs (``bids:raw:...``).
@@ -315,7 +317,7 @@ def sidecar(
         "Inputs": [input_record(c, bids_dir) for c in sources],
         "OutputShape": [int(n) for n in out_shape],
         **super_resolution,
-        "SoftwareVersion": f"{PIPELINE_NAME} {__version__}",
+        "SoftwareVersion": SOFTWARE_VERSION,
     }
     how = (
         "an implicit neural representation fitted jointly to"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, derivatives, masks, qc
+from . import derivatives, masks, qc
 from .discovery import Candidate, Job, select_contrasts, summarise
 from .errors import ParticipantError
 from .geometry import compose, corners_world, output_grid, voxel_sizes
@@ -531,6 +531,10 @@ def template_record(space) -> dict:
 # -- the chain -----------------------------------------------------------------------
 
 
+#: ``JobResult.message`` of a job whose outputs exist and match the current settings
+OUTPUTS_EXIST = "outputs exist"
+
+
 def changed_settings(sidecar: Path, opts: Options) -> str:
     """What differs between the run that wrote ``sidecar`` and ``opts`` ("" = nothing).
 
@@ -545,7 +549,7 @@ def changed_settings(sidecar: Path, opts: Options) -> str:
         return f"{sidecar.name} unreadable"
     inr = opts.method == "inr"
     now = {
-        "SoftwareVersion": f"{derivatives.PIPELINE_NAME} {__version__}",
+        "SoftwareVersion": derivatives.SOFTWARE_VERSION,
         "Method": opts.method,
         "Preset": opts.preset if inr else None,
         "Architecture": opts.architecture if inr else None,
@@ -579,7 +583,7 @@ def run_job(job: Job, bids_dir: Path, out_dir: Path, opts: Options) -> JobResult
     expected = derivatives.expected_outputs(out_dir, job.subject, job.session, chosen, space)
     if not opts.overwrite and derivatives.is_complete(expected):
         changed = changed_settings(next(p for p in expected if p.suffix == ".json"), opts)
-        message = "outputs exist" + (f", made with other settings: {changed}" if changed else "")
+        message = OUTPUTS_EXIST + (f", made with other settings: {changed}" if changed else "")
         return JobResult(job, "complete", outputs=expected, message=message)
 
     log.info("%s: fusing %s", job.name, summarise(chosen))

@@ -418,6 +418,12 @@ def slice_spacing(c: Contrast) -> float:
     return float(geometry.voxel_sizes(c.affine)[geometry.slice_axis(c.affine)])
 
 
+def in_plane_spacing(c: Contrast) -> float:
+    """The larger of ``c``'s two voxel sizes (mm) across its slice axis."""
+    sizes = geometry.voxel_sizes(c.affine)
+    return float(np.delete(sizes, geometry.slice_axis(c.affine)).max())
+
+
 def sample_gap(c: Contrast, profile_samples: int, n_points: int) -> float:
     """Widest stretch (mm) along ``c``'s slice axis that none of its training points cover.
 
@@ -443,10 +449,9 @@ def contiguous_slices(
     leave the whole slice spacing.
     """
     for c in contrasts:
-        sizes = geometry.voxel_sizes(c.affine)
-        in_plane = float(np.delete(sizes, geometry.slice_axis(c.affine)).max())
         k = profile_points(c, profile_samples)
-        if sample_gap(c, profile_samples, k) > max(in_plane, out_voxel_mm) * (1 + 1e-6):
+        limit = max(in_plane_spacing(c), out_voxel_mm)
+        if sample_gap(c, profile_samples, k) > limit * (1 + 1e-6):
             return False
     return True
 
@@ -465,13 +470,10 @@ def profile_points(c: Contrast, profile_samples: int) -> int:
     or thicker slice gets proportionally fewer or more, and a slice no thicker
     than the in-plane spacing is a point sample.
     """
-    sizes = geometry.voxel_sizes(c.affine)
-    axis = geometry.slice_axis(c.affine)
     thickness = slice_thickness(c)
-    in_plane = float(np.delete(sizes, axis).max())
-    if thickness <= in_plane * (1 + 1e-6):
+    if thickness <= in_plane_spacing(c) * (1 + 1e-6):
         return 1
-    return max(1, math.ceil(profile_samples * thickness / float(sizes[axis]) - 1e-6))
+    return max(1, math.ceil(profile_samples * thickness / slice_spacing(c) - 1e-6))
 
 
 def _groups(contrasts: list[Contrast], architecture: str) -> list[tuple[list[Contrast], list[int]]]:

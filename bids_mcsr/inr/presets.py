@@ -236,20 +236,7 @@ def resolve(name: str, overrides: dict | None = None) -> Preset:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return apply_overrides(PRESETS[name], overrides)
-
-
-def merge_overrides(first: dict, then: dict) -> dict:
-    """Overrides ``first`` followed by ``then``; the dict-valued fields merge key by key."""
-    out = {**first, **then}
-    for key in ("encoding_params", "weight_decay"):
-        if key in first and key in then:
-            out[key] = {**first[key], **then[key]}
-    return out
-
-
-def apply_overrides(base: Preset, overrides: dict | None = None) -> Preset:
-    """``base`` with ``overrides`` (field -> value) applied, validated."""
+    base = PRESETS[name]
     overrides = dict(overrides or {})
     known = {f.name for f in dataclasses.fields(Preset)}
     unknown = sorted(set(overrides) - known)
@@ -268,6 +255,15 @@ def apply_overrides(base: Preset, overrides: dict | None = None) -> Preset:
     preset = dataclasses.replace(base, **overrides)
     validate(preset)
     return preset
+
+
+def merge_overrides(first: dict, then: dict) -> dict:
+    """Overrides ``first`` followed by ``then``; the dict-valued fields merge key by key."""
+    out = {**first, **then}
+    for key in ("encoding_params", "weight_decay"):
+        if key in first and key in then:
+            out[key] = {**first[key], **then[key]}
+    return out
 
 
 def validate(p: Preset) -> None:

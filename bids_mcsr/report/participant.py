@@ -25,7 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .. import __version__, qc
+from .. import qc
+from ..derivatives import SOFTWARE_VERSION
 from ..geometry import compose, through_plane, voxel_sizes
 from . import figures
 from .html import esc, fmt, img, key_value_table, page, table, write
@@ -325,7 +326,7 @@ def write_participant_report(
     )
     body = [
         f"<h1>mcsr report: {esc(title)}</h1>",
-        f'<p class="sub">{esc(sr.get("SoftwareVersion") or f"mcsr {__version__}")}, '
+        f'<p class="sub">{esc(sr.get("SoftwareVersion") or SOFTWARE_VERSION)}, '
         f"report written {esc(stamp)}</p>",
         f"<nav>{nav}</nav>",
         '<h2 id="summary">Summary</h2>',
@@ -341,7 +342,7 @@ def write_participant_report(
     ]
     body += [_contrast_section(e, q, c) for e, (q, c) in zip(entries, done, strict=True)]
     prov: dict = {
-        "software": sr.get("SoftwareVersion") or f"mcsr {__version__}",
+        "software": sr.get("SoftwareVersion") or SOFTWARE_VERSION,
         "device": sr.get("Device"),
         "seed": sr.get("Seed"),
         "method": sr.get("Method"),
