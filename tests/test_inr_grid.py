@@ -281,6 +281,6 @@ def test_restricted_level_reads_its_values_where_stored_and_zero_elsewhere():
     torch.testing.assert_close(table.view(9, 9, 5, 2), dense_fine[..., :5, :])
     # the node grid is still counted on (reach), and the buffers follow state_dict
     assert enc.reach(pts, levels=[1])[1].shape == (9, 9, 9)
-    assert "node_rows_1" in enc.state_dict()
+    assert "node_rows_1" in enc.state_dict() and enc.node_rows_1.dtype == torch.int32
     with pytest.raises(ValueError, match="unrestricted level"):
         enc.restrict_(1, active)
