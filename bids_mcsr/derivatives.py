@@ -356,6 +356,7 @@ def super_resolution_fields(
     samples_per_s: float | None,
     resolution: float,
     registration: dict | None = None,
+    peak_gpu_mb: float | None = None,
 ) -> dict:
     """The fit-specific keys of the sidecar's ``SuperResolution`` object (README "Outputs")."""
 
@@ -377,6 +378,7 @@ def super_resolution_fields(
         "LossCurve": rounded(loss_curve),
         "WallTimeS": round(float(wall_time_s), 3),
         "SamplesPerS": None if samples_per_s is None else round(float(samples_per_s), 1),
+        "PeakGPUMemoryMB": None if peak_gpu_mb is None else round(float(peak_gpu_mb), 1),
         "Registration": registration or {},
     }
 

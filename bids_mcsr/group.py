@@ -6,7 +6,7 @@ needs neither the inputs nor the engine). Columns, in order:
 
 ``participant_id, session_id, contrast, output, method, preset, inputs,
 input_voxel_sizes_mm, resolution_mm, output_shape, epochs_run, selected_epoch,
-stop_reason, final_mi, wall_time_s, device`` followed by the QC columns of
+stop_reason, final_mi, wall_time_s, device, peak_gpu_memory_mb`` followed by the QC columns of
 :data:`bids_mcsr.qc.TSV_COLUMNS`. Missing values are ``n/a`` (BIDS convention).
 """
 
@@ -43,6 +43,7 @@ BASE_COLUMNS = (
     "final_mi",
     "wall_time_s",
     "device",
+    "peak_gpu_memory_mb",
 )
 COLUMNS = BASE_COLUMNS + tuple(qc.TSV_COLUMNS)
 
@@ -102,6 +103,7 @@ def row_for(sidecar: Path, out_dir: Path) -> dict:
         "final_mi": _final_mi(sr.get("MICurve", {})),
         "wall_time_s": sr.get("WallTimeS"),
         "device": sr.get("Device"),
+        "peak_gpu_memory_mb": sr.get("PeakGPUMemoryMB"),
     }
     row.update(qc.flatten(meta.get("QC")))
     return row

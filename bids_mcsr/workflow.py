@@ -356,6 +356,7 @@ def fit_inr(
         wall_time_s=res.wall_time_s,
         samples_per_s=res.samples_per_s,
         resolution=resolution,
+        peak_gpu_mb=res.peak_gpu_mb,
     )
     return Fit(volumes=dict(res.volumes), sr_fields=fields)
 

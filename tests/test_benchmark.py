@@ -421,6 +421,7 @@ def test_combine_seeds_takes_medians_and_keeps_each_seed():
     assert row["wall_s"] == 120.0 and row["wall_s_runs"] == [110.0, 130.0, 120.0]
     assert row["fit_s"] == 115.0 and row["peak_rss_mb"] == 1700.0
     assert row["epochs"] == 6 and row["samples_per_s"] == 2000.0
+    assert row["peak_gpu_mb"] is None  # CPU runs
     assert [r["seed"] for r in row["seed_runs"]] == [0, 1, 2]
     assert row["seed_runs"][1] == {
         "seed": 1,
@@ -436,6 +437,13 @@ def test_combine_seeds_takes_medians_and_keeps_each_seed():
     # a failed seed fails the row
     bad = (3, {"error": "exit 1; see x.log", "log_tail": []}, {}, {})
     assert combine_seeds([*runs, bad]) == {"error": "exit 1; see x.log", "log_tail": []}
+
+
+def test_combine_seeds_keeps_the_largest_gpu_peak():
+    runs = [_seed_run(s, 26.0, 20.0, 3000.0, 6) for s in range(3)]
+    for (_, _, facts, _), mb in zip(runs, (900.0, 1250.5, 1100.0), strict=True):
+        facts.update(device="cuda:0 (NVIDIA H100)", peak_gpu_mb=mb)
+    assert combine_seeds(runs)["peak_gpu_mb"] == 1250.5
 
 
 def test_method_seeds_and_the_per_seed_table(tmp_path):

@@ -114,8 +114,8 @@ def test_dataset_description(tmp_path, monkeypatch):
     }
 
 
-def _sr_fields(method="inr"):
-    return derivatives.super_resolution_fields(
+def _sr_fields(method="inr", **changes):
+    args = dict(
         method=method,
         preset="fast",
         architecture="split-head",
@@ -131,6 +131,7 @@ def _sr_fields(method="inr"):
         samples_per_s=1000.0,
         resolution=1.0,
     )
+    return derivatives.super_resolution_fields(**{**args, **changes})
 
 
 def test_sidecar_content(tmp_path):
@@ -156,12 +157,18 @@ def test_sidecar_content(tmp_path):
     assert sr["MICurve"]["T1w|T2w"] == [0.1, 0.2, 0.3, 0.29]
     assert sr["LossCurve"]["T2w"][-1] == 0.3
     assert sr["WallTimeS"] == 12.346
+    assert sr["PeakGPUMemoryMB"] is None  # a CPU fit
     assert sr["SoftwareVersion"] == f"mcsr {__version__}"
     assert sr["OutputShape"] == [24, 28, 24]
     # the spline baseline uses only the contrast's own input
     spline = derivatives.sidecar(t2, [t1, t2], bids, 1.0, (24, 28, 24), _sr_fields("spline"), False)
     assert spline["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
     assert spline["SuperResolution"]["PartnerContrasts"] == []
+
+
+def test_peak_gpu_memory_is_recorded_in_mb():
+    fields = _sr_fields(device="cuda:0 (NVIDIA H100)", peak_gpu_mb=812.3456)
+    assert fields["PeakGPUMemoryMB"] == 812.3 and fields["Device"].startswith("cuda:0")
 
 
 def test_written_derivatives_are_validator_clean(tmp_path):

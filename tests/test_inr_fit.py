@@ -105,6 +105,7 @@ def test_split_head_beats_cubic_spline_and_loss_decreases(phantom):
         assert all(b < a * 1.2 for a, b in zip(loss, loss[1:], strict=False))
     assert r.stop_reason == "max-epochs" and r.selected_epoch == 25
     assert r.samples_per_s > 0 and r.wall_time_s > 0
+    assert r.device == "cpu" and r.peak_gpu_mb is None
 
 
 def test_outputs_follow_the_output_grid(phantom):

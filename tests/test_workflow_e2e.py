@@ -111,6 +111,9 @@ def test_group_table(spline_run):
     assert rows[1]["input_voxel_sizes_mm"] == "4x1x1"
     assert rows[1]["output_shape"] == "24x28x24"
     assert float(rows[0]["qc_psnr_db"]) > 20
+    # CPU fits hold no GPU memory: the column is there, its value n/a
+    assert {r["device"] for r in rows} == {"cpu"}
+    assert {r["peak_gpu_memory_mb"] for r in rows} == {"n/a"}
 
 
 def test_inr_path(tmp_path):

@@ -137,6 +137,7 @@ def _fit_fields(sidecar: dict, method: str) -> dict:
         "selected_epoch": sr.get("SelectedEpoch"),
         "stop_reason": sr.get("StopReason"),
         "device": sr.get("Device"),
+        "peak_gpu_mb": sr.get("PeakGPUMemoryMB"),
     }
 
 
@@ -237,6 +238,8 @@ def combine_seeds(runs: Sequence[tuple[int, dict, dict, dict]]) -> dict:
     fits = [record["fit_s"] for _, record, _, _ in runs if record.get("fit_s") is not None]
     row["fit_s"] = statistics.median(fits) if fits else None
     row["peak_rss_mb"] = max(record["peak_rss_mb"] for _, record, _, _ in runs)
+    gpu = [facts["peak_gpu_mb"] for _, _, facts, _ in runs if facts.get("peak_gpu_mb") is not None]
+    row["peak_gpu_mb"] = max(gpu) if gpu else None
     row["regridded"] = any(record["regridded"] for _, record, _, _ in runs)
     for key, middle in (
         ("samples_per_s", statistics.median),

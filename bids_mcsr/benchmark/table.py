@@ -22,6 +22,7 @@ MAIN_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("wall_s", "wall s", 1),
     ("fit_s", "fit s", 1),
     ("peak_rss_mb", "peak RSS MB", 0),
+    ("peak_gpu_mb", "peak GPU MB", 0),
     ("samples_per_s", "samples/s", 0),
     ("epochs", "epochs", 0),
     ("device", "device", 0),

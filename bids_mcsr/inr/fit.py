@@ -116,6 +116,8 @@ class FitResult:
     samples_per_s: float
     device: str
     seed: int
+    # peak GPU memory of the fit (MB, PyTorch's reserved pool); None on the CPU
+    peak_gpu_mb: float | None = None
 
 
 @dataclass
@@ -204,6 +206,8 @@ def fit_contrasts(
     names = [c.name for c in contrasts]
     if dev.type == "cpu":
         keep_large_allocations()
+    elif dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
     with _torch_settings(nthreads, deterministic=dev.type == "cpu"):
         affines = [geometry.compose(c.transform, c.affine) for c in contrasts]
@@ -335,6 +339,7 @@ def fit_contrasts(
         samples_per_s=samples / train_s if train_s > 0 else 0.0,
         device=_device_label(dev),
         seed=seed,
+        peak_gpu_mb=_peak_gpu_mb(dev),
     )
 
 
@@ -588,6 +593,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 
 
 @functools.cache
+def _peak_gpu_mb(dev: torch.device) -> float | None:
+    """Most GPU memory the fit held (MB), or None on the CPU.
+
+    PyTorch's reserved pool (tensors plus the allocator's cached blocks), the part
+    of the process's GPU use that grows with the data; the CUDA context (a few
+    hundred MB, fixed) comes on top in ``nvidia-smi``.
+    """
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(dev) / 2**20
+
+
 def keep_large_allocations() -> bool:
     """Let glibc reuse freed large blocks instead of returning them to the OS.
 
