@@ -108,6 +108,18 @@ def test_split_head_beats_cubic_spline_and_loss_decreases(phantom):
     assert r.device == "cpu" and r.peak_gpu_mb is None
 
 
+def test_peak_gpu_memory_is_read_anew_for_every_fit(monkeypatch):
+    # one process fits participant after participant: each fit must report its own
+    # peak (the allocator's counter, reset at the start of every fit), not a cached one
+    from bids_mcsr.inr import fit as fit_mod
+
+    cuda = torch.device("cuda")
+    for reserved in (3 * 2**20, 512 * 2**20):
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda dev, r=reserved: r)
+        assert fit_mod._peak_gpu_mb(cuda) == reserved / 2**20
+    assert fit_mod._peak_gpu_mb(torch.device("cpu")) is None
+
+
 def test_outputs_follow_the_output_grid(phantom):
     full = fit(phantom, overrides={"early_stopping": False})
     assert set(full.volumes) == {"A", "B"}

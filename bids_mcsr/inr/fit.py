@@ -592,7 +592,6 @@ def _device_label(dev: torch.device) -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 
 
-@functools.cache
 def _peak_gpu_mb(dev: torch.device) -> float | None:
     """Most GPU memory the fit held (MB), or None on the CPU.
 
@@ -605,6 +604,7 @@ def _peak_gpu_mb(dev: torch.device) -> float | None:
     return torch.cuda.max_memory_reserved(dev) / 2**20
 
 
+@functools.cache
 def keep_large_allocations() -> bool:
     """Let glibc reuse freed large blocks instead of returning them to the OS.
 
