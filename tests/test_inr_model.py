@@ -86,6 +86,28 @@ def test_paper_preset_is_the_paper_architecture():
     assert p.encoding_params == {"n_frequencies": 256, "sigma": 4.0, "factor": 1.0}
     vanilla = build_field("vanilla", build_encoding(p.encoding, p.encoding_params), 2, p.to_dict())
     assert isinstance(vanilla, VanillaField) and vanilla.out.out_features == 2
+    # the paper's units are plain ReLUs everywhere
+    for net in (field, vanilla):
+        acts = [m for m in net.modules() if isinstance(m, nn.ReLU | nn.LeakyReLU)]
+        assert acts and all(type(m) is nn.ReLU for m in acts)
+
+
+@pytest.mark.parametrize("cls", ["split-head", "vanilla"])
+def test_fast_trunk_is_leaky_and_heads_are_not(cls):
+    p = PRESETS["fast"]
+    field = build_field(cls, FourierFeatures(8, 1.0), 2, p.to_dict())
+    trunk_acts = [m for m in field.trunk if not isinstance(m, nn.Linear)]
+    assert len(trunk_acts) == p.trunk_layers == 2
+    assert all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in trunk_acts)
+    if cls == "split-head":
+        for head in field.heads:
+            assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    # a leaky unit passes a gradient where a ReLU passes none (input below 0)
+    x = torch.full((1, 32), -1.0, requires_grad=True)
+    trunk_acts[0](x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((1, 32), 0.01))
+    with pytest.raises(ValueError, match="trunk_negative_slope"):
+        resolve("fast", {"trunk_negative_slope": 1.0})
 
 
 def test_resolve_overrides_merge_and_validate():
