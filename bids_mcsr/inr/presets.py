@@ -165,8 +165,9 @@ FAST = Preset(
     # A leaky trunk: a ReLU unit that is off in a region passes no gradient there, and
     # a 32-wide trunk cannot spare units. icbm2009c box profiles, seeds 0 1 2:
     # truth-range PSNR T1w +0.30 / +0.50 / +0.01, T2w +0.11 / +0.25 / +0.13 dB, SSIM
-    # up on all six; point samples within +-0.1 dB (docs/fast-engine.md, round 9).
-    # A leaky slope in the heads instead helped T1w and cost T2w.
+    # up on all six; point samples T1w -0.09 / 0.00, T2w +0.07 / +0.22 dB (seeds 0 1;
+    # docs/fast-engine.md, round 9). A leaky slope in the heads instead helped T1w and
+    # cost T2w.
     trunk_negative_slope=0.01,
     head_width=16,
     head_layers=1,
