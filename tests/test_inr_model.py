@@ -93,8 +93,9 @@ def test_paper_preset_is_the_paper_architecture():
 
 
 @pytest.mark.parametrize("cls", ["split-head", "vanilla"])
-def test_fast_trunk_is_leaky_and_heads_are_not(cls):
-    p = PRESETS["fast"]
+def test_trunk_negative_slope_makes_only_the_trunk_leaky(cls):
+    assert PRESETS["fast"].trunk_negative_slope == 0.0
+    p = resolve("fast", {"trunk_negative_slope": 0.01})
     field = build_field(cls, FourierFeatures(8, 1.0), 2, p.to_dict())
     trunk_acts = [m for m in field.trunk if not isinstance(m, nn.Linear)]
     assert len(trunk_acts) == p.trunk_layers == 2

@@ -28,7 +28,10 @@ class Preset:
     # --- fields: trunk_layers x Linear+ReLU; heads: head_layers x Linear+ReLU, then Linear(.,1)
     trunk_width: int = 256
     trunk_layers: int = 3
-    # > 0: the trunk's units are LeakyReLU with this slope (0 = ReLU, as in the paper)
+    # > 0: the trunk's units are LeakyReLU with this slope (0 = ReLU, as in the paper).
+    # fast with 0.01 (docs/fast-engine.md, round 9): icbm2009c truth-range PSNR up on
+    # both contrasts and all 3 seeds with box profiles, but papersize point samples
+    # T2w -0.4 dB on 2 seeds; left at 0 (opt-in: --override trunk_negative_slope=0.01)
     trunk_negative_slope: float = 0.0
     head_width: int = 128
     head_layers: int = 1
@@ -162,13 +165,6 @@ FAST = Preset(
     },
     trunk_width=32,  # the grid holds the detail; the shared trunk only mixes features
     trunk_layers=2,
-    # A leaky trunk: a ReLU unit that is off in a region passes no gradient there, and
-    # a 32-wide trunk cannot spare units. icbm2009c box profiles, seeds 0 1 2:
-    # truth-range PSNR T1w +0.30 / +0.50 / +0.01, T2w +0.11 / +0.25 / +0.13 dB, SSIM
-    # up on all six; point samples T1w -0.09 / 0.00, T2w +0.07 / +0.22 dB (seeds 0 1;
-    # docs/fast-engine.md, round 9). A leaky slope in the heads instead helped T1w and
-    # cost T2w.
-    trunk_negative_slope=0.01,
     head_width=16,
     head_layers=1,
     batch_size=8192,
