@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import time
 
-from fast_harness import FACTORS, SIZES, load_case
+from fast_harness import FACTORS, SIZES, load_case, modes, print_table, score, simulate
 
 import bids_mcsr.inr.grid  # noqa: F401  (registers "dense-grid")
-from bids_mcsr.benchmark.metrics import psnr, ssim
-from bids_mcsr.benchmark.simulate import simulate_acquisition
 from bids_mcsr.inr.fit import Contrast, fit_contrasts
-from bids_mcsr.resample import resample_to_grid
 
 
 def main():
@@ -47,13 +43,10 @@ def main():
     mask = hr["T1w"] > 0
     shape = hr["T1w"].shape
     rows = []
-    for mode in ["paper", "profile"] if args.mode == "both" else [args.mode]:
-        contrasts, splines = [], {}
-        for n, f in FACTORS.items():
-            lr, laff = simulate_acquisition(hr[n], aff, f, mode)
-            thick = 1.0 if mode == "paper" and not args.no_thickness else None
-            contrasts.append(Contrast(n, lr, laff, slice_thickness=thick))
-            splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
+    for mode in modes(args.mode):
+        lrs, affines, splines = simulate(hr, aff, mode)
+        thick = 1.0 if mode == "paper" and not args.no_thickness else None
+        contrasts = [Contrast(n, lrs[n], affines[n], slice_thickness=thick) for n in FACTORS]
         t0 = time.time()
         res = fit_contrasts(
             contrasts,
@@ -66,28 +59,18 @@ def main():
             seed=args.seed,
         )
         wall = time.time() - t0
+        epochs = f"{res.epochs_run} ({res.selected_epoch})"
         for n in FACTORS:
-            sp_p, sp_s = psnr(splines[n], hr[n], mask), ssim(splines[n], hr[n], mask)
             vol = res.volumes[n]
             if args.clip:  # to the input's intensity range
-                lr = next(c.data for c in contrasts if c.name == n)
-                vol = vol.clip(lr.min(), lr.max())
-            p, s = psnr(vol, hr[n], mask), ssim(vol, hr[n], mask)
-            rows.append(
-                (mode, n, sp_p, sp_s, p, s, p - sp_p, wall, res.epochs_run, res.selected_epoch)
-            )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(
-        f"# {args.tag} clip={args.clip} size={args.size} preset={args.preset} overrides={args.overrides} threads={args.threads}"
+                vol = vol.clip(lrs[n].min(), lrs[n].max())
+            rows.append(score(mode, n, vol, splines[n], hr[n], mask, wall, epochs))
+    print_table(
+        f"{args.tag} clip={args.clip} size={args.size} preset={args.preset} "
+        f"overrides={args.overrides} threads={args.threads}",
+        rows,
+        ("epochs (sel)",),
     )
-    print(
-        "| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s | epochs (sel) |"
-    )
-    for r in rows:
-        print(
-            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} | {r[8]} ({r[9]}) |"
-        )
-    print(f"# peak RSS {rss:.2f} GB")
 
 
 if __name__ == "__main__":

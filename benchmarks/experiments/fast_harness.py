@@ -73,6 +73,60 @@ def norm_params(x: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def scaled(x: np.ndarray, scale: tuple[float, float]) -> torch.Tensor:
+    """``x`` mapped by a ``norm_params`` pair (lo, hi) to about [0, 1]."""
+    return torch.from_numpy((x - scale[0]) / (scale[1] - scale[0]))
+
+
+def modes(arg: str) -> list[str]:
+    """Simulation modes of a ``--mode`` value ("both" = paper and profile)."""
+    return ["paper", "profile"] if arg == "both" else [arg]
+
+
+def simulate(hr: dict, aff: np.ndarray, mode: str) -> tuple[dict, dict, dict]:
+    """LR data, LR affines and cubic-spline upsamples (HR grid) of every contrast in ``FACTORS``."""
+    shape = hr["T1w"].shape
+    lrs, affines, splines = {}, {}, {}
+    for n, f in FACTORS.items():
+        lrs[n], affines[n] = simulate_acquisition(hr[n], aff, f, mode)
+        splines[n] = resample_to_grid(lrs[n], affines[n], shape, aff, order=3)
+    return lrs, affines, splines
+
+
+def box_operators(shape: tuple[int, ...], k: int) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per contrast: its slice axis and the ``profile_matrix`` along it (``k`` points, 0 = factor)."""
+    ops = {}
+    for n, f in FACTORS.items():
+        ax = int(np.argmax(f))
+        w = profile_matrix(shape[ax], f[ax], k if k > 0 else f[ax])
+        ops[n] = (ax, torch.from_numpy(w).float())
+    return ops
+
+
+def apply_op(w: torch.Tensor, p: torch.Tensor, ax: int) -> torch.Tensor:
+    """The (n_lr, n_hr) operator ``w`` applied along axis ``ax`` of the volume ``p``."""
+    return torch.movedim(torch.tensordot(w, torch.movedim(p, ax, 0), dims=([1], [0])), 0, ax)
+
+
+def score(mode, name, vol, spline, truth, mask, wall, *extra) -> tuple:
+    """One table row: spline and fit PSNR / SSIM inside ``mask``, gain, wall s, extra cells."""
+    sp_p, sp_s = psnr(spline, truth, mask), ssim(spline, truth, mask)
+    p, s = psnr(vol, truth, mask), ssim(vol, truth, mask)
+    return (mode, name, sp_p, sp_s, p, s, p - sp_p, wall, *extra)
+
+
+def print_table(title: str, rows: list[tuple], extra_columns: tuple[str, ...] = ()) -> None:
+    """Print ``score`` rows as a Markdown table, then this process's peak RSS."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    head = ["mode", "contrast", "spline PSNR", "spline SSIM", "fit PSNR", "fit SSIM", "gain dB"]
+    print(f"# {title}")
+    print("| " + " | ".join([*head, "fit s", *extra_columns]) + " |")
+    for r in rows:
+        cells = [*r[:2], f"{r[2]:.2f}", f"{r[3]:.3f}", f"{r[4]:.2f}", f"{r[5]:.3f}", f"{r[6]:+.2f}"]
+        print("| " + " | ".join([*cells, f"{r[7]:.0f}", *map(str, r[8:])]) + " |")
+    print(f"# peak RSS {rss:.2f} GB")
+
+
 class GridField(torch.nn.Module):
     """Dense multi-resolution levels over the (padded) output grid + per-voxel MLPs."""
 
@@ -159,31 +213,13 @@ def run(args):
     shape = hr["T1w"].shape
     names = list(FACTORS)
     rows = []
-    modes = ["paper", "profile"] if args.mode == "both" else [args.mode]
-    for mode in modes:
-        lrs, splines = {}, {}
-        for n in names:
-            lr, laff = simulate_acquisition(hr[n], aff, FACTORS[n], mode)
-            lrs[n] = lr
-            splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
+    for mode in modes(args.mode):
+        lrs, _, splines = simulate(hr, aff, mode)
         t0 = time.time()
         scale = {n: norm_params(lrs[n]) for n in names}
-        lr_t = {
-            n: torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names
-        }
-        ops = {}
-        for n in names:
-            ax = int(np.argmax(FACTORS[n]))
-            k = args.k if args.k > 0 else FACTORS[n][ax]
-            ops[n] = (ax, torch.from_numpy(profile_matrix(shape[ax], FACTORS[n][ax], k)).float())
-        cond = None
-        if args.cond:
-            cond = torch.stack(
-                [
-                    torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0]))
-                    for n in names
-                ]
-            )
+        lr_t = {n: scaled(lrs[n], scale[n]) for n in names}
+        ops = box_operators(shape, args.k)
+        cond = torch.stack([scaled(splines[n], scale[n]) for n in names]) if args.cond else None
         model = GridField(
             shape,
             len(names),
@@ -225,11 +261,7 @@ def run(args):
                 loss = 0.0
                 for ci, n in enumerate(names):
                     ax, w = ops[n]
-                    p = pred[ci]
-                    est = torch.movedim(
-                        torch.tensordot(w, torch.movedim(p, ax, 0), dims=([1], [0])), 0, ax
-                    )
-                    loss = loss + F.mse_loss(est, lr_t[n][:, y0:y1, :])
+                    loss = loss + F.mse_loss(apply_op(w, pred[ci], ax), lr_t[n][:, y0:y1, :])
                 if args.tv > 0:
                     for g in [model.fine] if model.fine is not None else []:
                         s = g[:, :, y0:y1]
@@ -253,17 +285,8 @@ def run(args):
         wall = time.time() - t0
         for ci, n in enumerate(names):
             vol = out[ci].numpy() * (scale[n][1] - scale[n][0]) + scale[n][0]
-            sp_p, sp_s = psnr(splines[n], hr[n], mask), ssim(splines[n], hr[n], mask)
-            p, s = psnr(vol, hr[n], mask), ssim(vol, hr[n], mask)
-            rows.append((mode, n, sp_p, sp_s, p, s, p - sp_p, wall))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"# {args.tag} size={args.size} {vars(args)}")
-    print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s |")
-    for r in rows:
-        print(
-            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |"
-        )
-    print(f"# peak RSS {rss:.2f} GB")
+            rows.append(score(mode, n, vol, splines[n], hr[n], mask, wall))
+    print_table(f"{args.tag} {vars(args)}", rows)
 
 
 def main():

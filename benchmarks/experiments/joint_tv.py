@@ -10,18 +10,24 @@ The shared edge set of the joint TV is what moves detail between contrasts.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fast_harness import FACTORS, SIZES, load_case, norm_params, profile_matrix
-from latent_field import apply_op
-
-from bids_mcsr.benchmark.metrics import psnr, ssim
-from bids_mcsr.benchmark.simulate import simulate_acquisition
-from bids_mcsr.resample import resample_to_grid
+from fast_harness import (
+    FACTORS,
+    SIZES,
+    apply_op,
+    box_operators,
+    load_case,
+    modes,
+    norm_params,
+    print_table,
+    scaled,
+    score,
+    simulate,
+)
 
 
 def grad_sq(u: torch.Tensor, axes=(0, 1, 2)) -> torch.Tensor:
@@ -41,29 +47,13 @@ def run(args):
     shape = hr["T1w"].shape
     names = list(FACTORS)
     rows = []
-    modes = ["paper", "profile"] if args.mode == "both" else [args.mode]
-    for mode in modes:
-        lrs, splines = {}, {}
-        for n in names:
-            lr, laff = simulate_acquisition(hr[n], aff, FACTORS[n], mode)
-            lrs[n] = lr
-            splines[n] = resample_to_grid(lr, laff, shape, aff, order=3)
+    for mode in modes(args.mode):
+        lrs, _, splines = simulate(hr, aff, mode)
         t0 = time.time()
         scale = {n: norm_params(lrs[n]) for n in names}
-        y = [torch.from_numpy((lrs[n] - scale[n][0]) / (scale[n][1] - scale[n][0])) for n in names]
-        ops = []
-        for n in names:
-            ax = int(np.argmax(FACTORS[n]))
-            k = args.k if args.k > 0 else FACTORS[n][ax]
-            ops.append((ax, torch.from_numpy(profile_matrix(shape[ax], FACTORS[n][ax], k)).float()))
-        u = torch.nn.Parameter(
-            torch.stack(
-                [
-                    torch.from_numpy((splines[n] - scale[n][0]) / (scale[n][1] - scale[n][0]))
-                    for n in names
-                ]
-            )
-        )
+        y = [scaled(lrs[n], scale[n]) for n in names]
+        ops = list(box_operators(shape, args.k).values())
+        u = torch.nn.Parameter(torch.stack([scaled(splines[n], scale[n]) for n in names]))
         opt = torch.optim.Adam([u], lr=args.lr, betas=(0.9, 0.99))
         total = args.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -93,17 +83,8 @@ def run(args):
         out = u.detach().numpy()
         for c, n in enumerate(names):
             vol = out[c] * (scale[n][1] - scale[n][0]) + scale[n][0]
-            sp_p, sp_s = psnr(splines[n], hr[n], mask), ssim(splines[n], hr[n], mask)
-            p, s = psnr(vol, hr[n], mask), ssim(vol, hr[n], mask)
-            rows.append((mode, n, sp_p, sp_s, p, s, p - sp_p, wall))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"# {args.tag} {vars(args)}")
-    print("| mode | contrast | spline PSNR | spline SSIM | fit PSNR | fit SSIM | gain dB | fit s |")
-    for r in rows:
-        print(
-            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:+.2f} | {r[7]:.0f} |"
-        )
-    print(f"# peak RSS {rss:.2f} GB")
+            rows.append(score(mode, n, vol, splines[n], hr[n], mask, wall))
+    print_table(f"{args.tag} {vars(args)}", rows)
 
 
 def main():

@@ -114,24 +114,18 @@ def _complete(entry: ContrastEntry) -> tuple[dict, qc.Consistency]:
         entry.input_mask = foreground_mask(entry.input_data, entry.input_affine)
     cons = entry.consistency
     qc_obj = entry.sidecar.get("QC")
+    pair = (
+        entry.output_data,
+        entry.output_affine,
+        entry.input_data,
+        entry.input_affine,
+        entry.transform,
+        entry.input_mask,
+    )
     if qc_obj is None:
-        qc_obj, cons = qc.assess(
-            entry.output_data,
-            entry.output_affine,
-            entry.input_data,
-            entry.input_affine,
-            entry.transform,
-            entry.input_mask,
-        )
+        qc_obj, cons = qc.assess(*pair)
     elif cons is None:
-        cons = qc.consistency(
-            entry.output_data,
-            entry.output_affine,
-            entry.input_data,
-            entry.input_affine,
-            entry.transform,
-            entry.input_mask,
-        )
+        cons = qc.consistency(*pair)
     return qc_obj, cons
 
 
