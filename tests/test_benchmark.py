@@ -6,6 +6,7 @@ The quick benchmark itself (fits through the CLI) runs only when ../shared/data 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,13 @@ def test_psnr_truth_range_keeps_the_prediction_unscaled():
     assert metrics.psnr_truth_range(spoiled, truth, mask) == pytest.approx(30.0)
     assert metrics.psnr(spoiled, truth, mask) < 20.0
     assert metrics.psnr_truth_range(truth, truth, mask) == float("inf")
+    # A region keeps the mask's scale: only the spoiled voxel -> its own error, 0 dB.
+    region = np.zeros(truth.shape, bool)
+    region[0, 0, 0] = True
+    assert metrics.psnr_truth_range(spoiled, truth, mask, region) == pytest.approx(0.0)
+    assert metrics.psnr_truth_range(spoiled, truth, mask, ~region) == float("inf")
+    with pytest.raises(ValueError, match="empty"):
+        metrics.psnr_truth_range(spoiled, truth, mask, np.zeros(truth.shape, bool))
 
 
 def test_mi_errors_known_answers():
@@ -512,7 +520,8 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
+def _spline_run_on_user_volumes(tmp_path: Path) -> tuple[int, Path]:
+    """``--hr`` benchmark of spline on two synthetic 32^3 volumes; (exit code, --out)."""
     from bids_mcsr.benchmark.__main__ import main
 
     # Two smooth synthetic "contrasts" of a blob on a 32^3 1 mm grid.
@@ -525,22 +534,12 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
         nib.save(nib.Nifti1Image(vol, _affine()), str(tmp_path / f"sub-x_{name}.nii.gz"))
     out = tmp_path / "out"
     hr = [str(tmp_path / "sub-x_T1w.nii.gz"), str(tmp_path / "sub-x_T2w.nii.gz")]
-    code = main(
-        [
-            "--cases",
-            "--hr",
-            *hr,
-            "--methods",
-            "spline",
-            "--modes",
-            "profile",
-            "--out",
-            str(out),
-            "--seed",
-            "3",
-            "4",
-        ]
-    )
+    argv = ["--cases", "--hr", *hr, "--methods", "spline", "--modes", "profile"]
+    return main([*argv, "--out", str(out), "--seed", "3", "4"]), out
+
+
+def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
+    code, out = _spline_run_on_user_volumes(tmp_path)
     assert code == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["case"], r["contrast"], r["method"]) for r in rows] == [
@@ -553,6 +552,45 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
         assert not r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["eps_hat"] >= 0
     assert "| user | profile | sagittal | T1w | spline |" in capsys.readouterr().out
+
+
+def test_rescore_recomputes_metrics_from_saved_outputs(tmp_path, capsys):
+    from bids_mcsr.benchmark.__main__ import main
+
+    code, out = _spline_run_on_user_volumes(tmp_path)
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "results.json").read_text())
+    truth = {r["contrast"]: dict(r) for r in saved["rows"]}
+    # A run made before a metric existed, and with a stale value: both come back.
+    for r in saved["rows"]:
+        del r["psnr_tr"]
+        r["ssim"] = -1.0
+    # The T2w row as if it had run with two seeds (the same outputs in both folders).
+    key = out / "derivatives" / "user_profile_sagittal"
+    for seed in (3, 4):
+        shutil.copytree(key / "spline", key / f"spline_seed-{seed}")
+    saved["rows"][1]["seeds"] = [3, 4]
+    (out / "results.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["--rescore", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        for k in ("psnr", "psnr_tr", "ssim", "eps_hat", "gain_db", "wall_s"):
+            assert r[k] == pytest.approx(truth[r["contrast"]][k]), (r["contrast"], k)
+    assert "seed_runs" not in rows[0]
+    assert [s["seed"] for s in rows[1]["seed_runs"]] == [3, 4]
+    assert rows[1]["seed_runs"][1]["psnr_tr"] == pytest.approx(truth["T2w"]["psnr_tr"])
+    notes = json.loads((out / "results.json").read_text())["notes"]
+    assert sum("(--rescore)" in n for n in notes) == 1
+    assert "| user | profile | sagittal | T1w | spline |" in (out / "results.md").read_text()
+    # Outputs gone: a one-line error naming the missing file, exit 2.
+    shutil.rmtree(key / "spline_seed-4")
+    assert main(["--rescore", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "spline_seed-4" in err and "is missing" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["--rescore", str(out), "--merge", str(out / "results.json")])
+    assert usage.value.code == 2
 
 
 def test_paper_mode_sidecar_states_a_thin_slice(tmp_path):

@@ -7,6 +7,7 @@ Examples::
     python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --repeats 3
     python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --seed 0 1 2
     python -m bids_mcsr.benchmark --cases --hr T1w=t1.nii.gz T2w=t2.nii.gz
+    python -m bids_mcsr.benchmark --rescore benchmarks/out/r8-cases  # new metrics, no refit
 
 Exit status: 0 done (and, with --quick, split-head beat spline on every
 contrast); 1 a run failed or the quick check failed; 2 bad usage.
@@ -20,7 +21,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .bench import Settings, merge, quick_failures, quick_settings, render, run_benchmark
+from .bench import (
+    Settings,
+    merge,
+    quick_failures,
+    quick_settings,
+    render,
+    rescore,
+    run_benchmark,
+)
 from .cases import CASE_NAMES, QUICK_CASE, VIEWS
 from .runner import METHODS, REPO
 from .simulate import MODES
@@ -120,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "over the spline rows of all of them (e.g. ablations run apart from the spline)",
     )
     p.add_argument(
+        "--rescore",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="fit nothing: score the outputs that earlier runs left under these --out folders "
+        "again with the current metrics, rewrite their results.json/.md and print the tables",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -136,6 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(a, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if a.merge and a.rescore:
+        parser.error("--merge and --rescore do not go together: rescore first, then merge")
+    if a.rescore:
+        for folder in a.rescore:
+            try:
+                print(render(rescore(folder, a.data_dir)))
+            except (OSError, ValueError, KeyError) as exc:
+                print(
+                    f"error: {folder}: {exc}; --rescore takes a folder that a benchmark run "
+                    "wrote (its --out, with results.json and derivatives/)",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"rescored {folder / 'results.json'}", file=sys.stderr)
+        return 0
     if a.merge:
         runs = []
         for f in a.merge:

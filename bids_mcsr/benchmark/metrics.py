@@ -55,15 +55,21 @@ def psnr(
     return _psnr_db(minmax_in_mask(pred, mask), minmax_in_mask(truth, mask), where)
 
 
-def psnr_truth_range(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+def psnr_truth_range(
+    pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, region: np.ndarray | None = None
+) -> float:
     """PSNR (dB) inside ``mask`` with both images scaled by the truth's in-mask range.
 
     ``10 log10(1 / mean(((pred - truth) / (max - min))^2))``, min and max of
     ``truth`` inside ``mask``: no re-normalisation of the prediction, so a few
-    out-of-range voxels cost only their own error.
+    out-of-range voxels cost only their own error. ``region`` (bool, same shape)
+    restricts the mean to a sub-region, e.g. lesions; the scale stays the mask's.
     """
     mask = np.asarray(mask, dtype=bool)
-    return _psnr_db(minmax_in_mask(pred, mask, ref=truth), minmax_in_mask(truth, mask), mask)
+    where = mask if region is None else mask & np.asarray(region, dtype=bool)
+    if not where.any():
+        raise ValueError("psnr_truth_range: the scoring region is empty")
+    return _psnr_db(minmax_in_mask(pred, mask, ref=truth), minmax_in_mask(truth, mask), where)
 
 
 def ssim(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, win_size: int = 7) -> float:

@@ -36,6 +36,8 @@ LESION_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("method", "method", 0),
     ("lesion_psnr", "lesion PSNR dB", 2),
     ("lesion_psnr_gain_db", "lesion gain dB", 2),
+    ("lesion_psnr_tr", "lesion PSNR truth-range dB", 2),
+    ("lesion_psnr_tr_gain_db", "lesion gain truth-range dB", 2),
     ("lesion_contrast", "lesion/WM contrast", 3),
     ("lesion_contrast_truth", "truth contrast", 3),
     ("lesion_contrast_vs_spline", "contrast / spline", 3),
