@@ -357,7 +357,7 @@ def test_reach_limited_diffusion_targets_only_nodes_between_point_sampled_slices
     norm = geometry.CoordinateNormaliser.from_inputs([(data.shape, aff)])
     ts = fit._training_set([contrast], [aff], [(0.0, 1.0)], cfg, norm, torch.device("cpu"))
     enc = build_encoding(cfg.encoding, {**cfg.encoding_params, "half_extent_mm": norm.half_extent})
-    assert enc.resolutions == [5, 17]  # 4 mm and 1 mm nodes over z = -2 .. 14 mm
+    assert enc.resolutions == [(5, 5, 5), (17, 17, 17)]  # 4 mm and 1 mm nodes over -2 .. 14 mm
     gap = fit.sample_gap(contrast, cfg.profile_samples, ts.offsets.shape[1])
     assert gap == 4.0  # point samples: the whole spacing
     coarse, fine = fit._diffusion_strength(enc, ts, cfg, gap, norm.half_extent)
@@ -492,3 +492,87 @@ def test_outputs_of_magnitude_inputs_are_clipped_at_zero(phantom):
     assert res.config["contrasts"][0]["clipped_voxels"] is None
     assert res.volumes["A"].min() < -1.0
     assert res.config["contrasts"][1]["clipped_voxels"] is not None
+
+
+def _axial(pixel: float, thick: float, rotate_deg: float = 0.0) -> np.ndarray:
+    """Voxel -> world affine of an axial scan, optionally tilted about x."""
+    a = np.diag([pixel, pixel, thick, 1.0])
+    t = np.radians(rotate_deg)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    a[:3, :3] = rot @ a[:3, :3]
+    return a
+
+
+def test_in_plane_spacing_per_world_axis():
+    from bids_mcsr.inr.fit import in_plane_spacing_per_axis
+
+    sagittal = np.diag([4.0, 0.7, 0.7, 1.0])
+    np.testing.assert_allclose(in_plane_spacing_per_axis([_axial(0.5, 4)]), [0.5, 0.5, np.inf])
+    np.testing.assert_allclose(
+        in_plane_spacing_per_axis([_axial(0.5, 4), sagittal]), [0.5, 0.5, 0.7]
+    )
+    # an oblique (20 degrees) axial scan still samples x and y in-plane
+    np.testing.assert_allclose(
+        in_plane_spacing_per_axis([_axial(0.5, 4, 20.0)]), [0.5, 0.5, np.inf]
+    )
+    # isotropic inputs count on every axis
+    np.testing.assert_allclose(in_plane_spacing_per_axis([np.diag([1.0, 1, 1, 1])]), [1, 1, 1])
+
+
+def test_finest_level_follows_sub_millimetre_pixels_only():
+    from bids_mcsr.inr.fit import MAX_REFINED_NODES, _follow_fine_inputs, finest_spacing
+    from bids_mcsr.inr.grid import resolution_for_spacing
+    from bids_mcsr.inr.presets import resolve
+
+    half = 120.0  # a 240 mm field
+    assert finest_spacing(1.33, 1.0, np.array([1.0, 1.0, np.inf]), half) is None
+    assert finest_spacing(1.33, 1.0, np.array([0.5, 0.5, np.inf]), half) == [0.665, 0.665, 1.33]
+    # 0.5 mm pixels on all three axes would need 361^3 = 47 M nodes: coarsened to fit
+    capped = finest_spacing(1.33, 1.0, np.array([0.5, 0.5, 0.5]), half)
+    assert 0.665 < capped[0] == capped[1] == capped[2] < 0.8
+    assert np.prod([resolution_for_spacing(v, half) for v in capped]) <= MAX_REFINED_NODES
+    fast = resolve("fast")
+    # 1 mm pixels (the preset's reference): the preset as it is
+    assert _follow_fine_inputs(fast, [_axial(1.0, 4), np.diag([4.0, 1, 1, 1])], half) is fast
+    # 0.5 mm pixels in all-axial scans: finer in x and y only, one more level, near the
+    # foreground only
+    cfg = _follow_fine_inputs(fast, [_axial(0.5, 4), _axial(0.72, 3)], half)
+    assert cfg.encoding_params["finest_mm"] == [0.665, 0.665, 1.33]
+    assert cfg.encoding_params["n_levels"] == fast.encoding_params["n_levels"] + 1
+    assert cfg.finest_margin_mm == 3.0
+    # off, or not a grid with a scalar finest spacing: unchanged
+    off = replace(fast, finest_reference_mm=None)
+    assert _follow_fine_inputs(off, [_axial(0.5, 4)], half) is off
+    paper = resolve("paper")
+    assert _follow_fine_inputs(paper, [_axial(0.5, 4)], half) is paper
+    with pytest.raises(ValueError, match="finest_reference_mm"):
+        resolve("fast", {"finest_reference_mm": 0})
+
+
+def test_sub_millimetre_pixels_keep_their_in_plane_detail():
+    # Fine in-plane stripes (2.4 mm period, amplitude 40) in two axial 0.5 mm-pixel
+    # scans: 1.33 mm grid nodes cannot draw them, nodes scaled to the pixels can.
+    g = np.indices((64, 64, 8)).astype(np.float32)
+    a = (100 + 40 * np.sin(2 * np.pi * 0.5 * g[0] / 2.4) + 5 * g[2]).astype(np.float32)
+    b = (200 - 30 * np.sin(2 * np.pi * 0.5 * g[1] / 2.4) + 3 * g[2]).astype(np.float32)
+    aff = np.diag([0.5, 0.5, 4.0, 1.0])
+    inputs = [Contrast("A", a, aff), Contrast("B", b, aff)]
+    out_aff = np.diag([0.5, 0.5, 0.5, 1.0])
+    out_aff[2, 3] = -1.75  # output voxel centres over each 4 mm slice
+    errors = {}
+    for name, extra in (("scaled", {}), ("fixed", {"finest_reference_mm": None})):
+        res = fit_contrasts(
+            inputs,
+            (64, 64, 64),
+            out_aff,
+            preset="fast",
+            overrides={"epochs": 3, "early_stopping": False, **extra},
+            nthreads=1,
+            progress=False,
+        )
+        back = acquire(res.volumes["A"], out_aff, a.shape, aff, profile="box")
+        errors[name] = float(np.sqrt(np.mean((back - a)[8:-8, 8:-8] ** 2)))
+        if name == "scaled":
+            assert res.config["encoding_params"]["finest_mm"] == [0.665, 0.665, 1.33]
+    # re-acquired on the input grid: RMS error 4 against 25 (the stripes' RMS is 28)
+    assert errors["scaled"] < 6.0 < 20.0 < errors["fixed"], errors

@@ -284,3 +284,47 @@ def test_restricted_level_reads_its_values_where_stored_and_zero_elsewhere():
     assert "node_rows_1" in enc.state_dict() and enc.node_rows_1.dtype == torch.int32
     with pytest.raises(ValueError, match="unrestricted level"):
         enc.restrict_(1, active)
+
+
+def test_per_axis_finest_spacing_gives_anisotropic_levels_with_exact_lookup():
+    # 16 mm half extent: coarsest 8 mm (5 nodes); finest 1 mm in x, 2 mm in y, 8 mm in z
+    enc = DenseGridEncoding(
+        n_levels=2,
+        features_per_level=3,
+        coarsest_mm=8.0,
+        finest_mm=(1.0, 2.0, 8.0),
+        half_extent_mm=16.0,
+    )
+    assert enc.resolutions == [(5, 5, 5), (33, 17, 5)]
+    assert enc.levels[1].shape == (5, 17, 33, 3)  # stored [z, y, x, feature]
+    with torch.no_grad():
+        zz, yy, xx = torch.meshgrid(
+            torch.linspace(-1, 1, 5),
+            torch.linspace(-1, 1, 17),
+            torch.linspace(-1, 1, 33),
+            indexing="ij",
+        )
+        level = enc.levels[1]
+        level[..., 0], level[..., 1], level[..., 2] = xx, yy, 2 * xx - yy + 3 * zz
+    pts = torch.rand(1000, 3, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    expected = torch.stack([pts[:, 0], pts[:, 1], 2 * pts[:, 0] - pts[:, 1] + 3 * pts[:, 2]], 1)
+    torch.testing.assert_close(enc(pts)[:, 3:], expected, atol=1e-5, rtol=0)
+    # a point's gradient lands on 8 nodes with total weight 1; reach counts the same
+    enc(torch.tensor([[0.1, -0.3, 0.45]]))[:, 3].sum().backward()
+    g = enc.levels[1].grad[..., 0]
+    assert np.count_nonzero(g.numpy()) == 8 and g.sum().item() == pytest.approx(1.0)
+    reach = enc.reach(pts, levels=[1])[1]
+    assert reach.shape == (5, 17, 33) and reach.sum().item() == pytest.approx(1000.0, rel=1e-5)
+    # restriction takes a (Rz, Ry, Rx) mask; stored cells read as before
+    before = enc(pts).detach()
+    active = torch.zeros(5, 17, 33, dtype=torch.bool)
+    active[..., :17] = True  # x <= 0
+    assert enc.restrict_(1, active) == 5 * 17 * 17
+    left = pts[:, 0] <= 0
+    torch.testing.assert_close(enc(pts)[left].detach(), before[left])
+    with pytest.raises(ValueError, match=r"\(5, 17, 33\) mask"):
+        DenseGridEncoding(
+            n_levels=2, coarsest_mm=8.0, finest_mm=(1.0, 2.0, 8.0), half_extent_mm=16.0
+        ).restrict_(1, torch.ones(33, 17, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="1 or 3 spacings"):
+        DenseGridEncoding(coarsest_mm=8.0, finest_mm=(1.0, 2.0), half_extent_mm=16.0)

@@ -65,7 +65,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -202,6 +202,12 @@ def fit_contrasts(
             extra.pop("encoding_params", None)  # parameters of the preset's own encoding
         # the preset's contiguous-slice settings first, the caller's overrides on top
         cfg = resolve(preset, merge_overrides(extra, dict(overrides or {})))
+    affines = [geometry.compose(c.transform, c.affine) for c in contrasts]
+    normaliser = geometry.CoordinateNormaliser.from_inputs(
+        [(c.data.shape, a) for c, a in zip(contrasts, affines, strict=True)]
+        + [(out_shape, out_affine)]
+    )
+    cfg = _follow_fine_inputs(cfg, affines, normaliser.half_extent)
     dev = _device(device)
     names = [c.name for c in contrasts]
     if dev.type == "cpu":
@@ -210,11 +216,6 @@ def fit_contrasts(
         torch.cuda.reset_peak_memory_stats(dev)
 
     with _torch_settings(nthreads, deterministic=dev.type == "cpu"):
-        affines = [geometry.compose(c.transform, c.affine) for c in contrasts]
-        normaliser = geometry.CoordinateNormaliser.from_inputs(
-            [(c.data.shape, a) for c, a in zip(contrasts, affines, strict=True)]
-            + [(out_shape, out_affine)]
-        )
         scales = [_intensity_scale(c, cfg.percentiles) for c in contrasts]
         foreground, in_fov = _output_coverage(out_shape, out_affine, contrasts, affines, out_mask)
         mi_index = _mi_subsample(foreground, cfg.mi_samples, seed)
@@ -459,6 +460,93 @@ def contiguous_slices(
         if sample_gap(c, profile_samples, k) > limit * (1 + 1e-6):
             return False
     return True
+
+
+def in_plane_spacing_per_axis(affines: Sequence[np.ndarray]) -> np.ndarray:
+    """Finest in-plane voxel size (mm) of the inputs along each world axis ``(x, y, z)``.
+
+    Every voxel axis of an input but its slice axis counts for the world axis its
+    direction is closest to (oblique scans go to the nearest axis); an isotropic
+    input counts on all three. ``affines``: each input's 4x4 voxel -> reference-world
+    affine. Axes no input samples in-plane get ``inf``.
+    """
+    out = np.full(3, np.inf)
+    for affine in affines:
+        columns = np.asarray(affine, dtype=float)[:3, :3]
+        sizes = np.linalg.norm(columns, axis=0)
+        thick = geometry.slice_axis(affine) if geometry.is_anisotropic(affine) else None
+        for j in range(3):
+            if j != thick:
+                axis = int(np.argmax(np.abs(columns[:, j])))
+                out[axis] = min(out[axis], sizes[j])
+    return out
+
+
+#: Most nodes a refined finest level may span before it is restricted to the
+#: foreground: 32 M nodes x 4 features are 0.5 GB while the level is drawn. All-axial
+#: 0.5 mm clinical scans over a 240 mm field need 24.5 M (0.68 x 0.68 x 1.33 mm); finer
+#: pixels in two orientations would need far more, and get the finest spacing that fits.
+MAX_REFINED_NODES = 32_000_000
+
+
+def finest_spacing(
+    finest_mm: float,
+    reference_mm: float,
+    in_plane: np.ndarray,
+    half_extent_mm: float,
+    max_nodes: int = MAX_REFINED_NODES,
+) -> list[float] | None:
+    """Per-axis spacing (mm) of the finest grid level for inputs finer than ``reference_mm``.
+
+    ``finest_mm`` was tuned for in-plane voxels of ``reference_mm``; along an axis
+    where ``in_plane`` (``in_plane_spacing_per_axis``) is smaller it shrinks in
+    proportion, elsewhere it stays. If the level would span more than ``max_nodes``
+    nodes over the field's cube (``half_extent_mm``), the refined spacings grow by a
+    common factor until it does not (never beyond ``finest_mm``). None when no axis
+    is finer (nothing changes).
+    """
+    scale = np.minimum(1.0, np.asarray(in_plane, dtype=float) / reference_mm)
+    if np.all(scale >= 1.0 - 1e-6):
+        return None
+    spacing = finest_mm * scale
+    nodes = float(np.prod([grid.resolution_for_spacing(v, half_extent_mm) for v in spacing]))
+    if nodes > max_nodes:
+        spacing = np.minimum(finest_mm, spacing * (nodes / max_nodes) ** (1 / 3) * 1.01)
+    return [round(float(v), 4) for v in spacing]
+
+
+def _follow_fine_inputs(
+    cfg: Preset, affines: Sequence[np.ndarray], half_extent_mm: float
+) -> Preset:
+    """``cfg`` with its finest grid level refined for sub-reference in-plane voxels.
+
+    Applies ``Preset.finest_reference_mm`` to an encoding with a scalar
+    ``finest_mm``: the level's spacing per axis from ``finest_spacing``, one more
+    level per halving of the smallest spacing (the coarse-to-fine growth stays
+    about the same), and the level stored near the foreground only.
+    """
+    params = cfg.encoding_params
+    if cfg.finest_reference_mm is None or not isinstance(params.get("finest_mm"), (int, float)):
+        return cfg
+    in_plane = in_plane_spacing_per_axis(affines)
+    fine = finest_spacing(
+        float(params["finest_mm"]), cfg.finest_reference_mm, in_plane, half_extent_mm
+    )
+    if fine is None:
+        return cfg
+    extra = max(0, round(math.log2(params["finest_mm"] / min(fine))))
+    new = {**params, "finest_mm": fine}
+    if "n_levels" in params:
+        new["n_levels"] = int(params["n_levels"]) + extra
+    margin = cfg.finest_margin_mm if cfg.finest_margin_mm is not None else 3.0
+    LOG.info(
+        "in-plane voxels %s mm (x/y/z) are finer than the %g mm the grid is tuned for: "
+        "finest grid level %s mm",
+        "/".join(f"{v:.3g}" if np.isfinite(v) else "-" for v in in_plane),
+        cfg.finest_reference_mm,
+        "/".join(f"{v:.3g}" for v in fine),
+    )
+    return replace(cfg, encoding_params=new, finest_margin_mm=margin)
 
 
 def slice_thickness(c: Contrast) -> float:
@@ -850,8 +938,8 @@ def _diffusion_strength(
         return None
     levels = [
         k
-        for k, r in enumerate(encoding.resolutions)
-        if 2 * half_extent_mm / (r - 1) < sample_gap_mm / 2
+        for k, res in enumerate(encoding.resolutions)
+        if 2 * half_extent_mm / (max(res) - 1) < sample_gap_mm / 2
     ]
     if not levels:
         return [None] * len(encoding.resolutions)
@@ -889,18 +977,24 @@ def _restrict_finest(encoding, ts: _TrainingSet, cfg: Preset, half_extent_mm: fl
     if cfg.finest_margin_mm is None or not hasattr(encoding, "restrict_"):
         return
     k = len(encoding.resolutions) - 1
-    r = encoding.resolutions[k]
+    res = encoding.resolutions[k]
     counted = _reach(encoding, ts, [k], foreground_only=True)[k]
     if counted is None:
         return  # no foreground voxel: keep the level dense
     touched = counted > 0
-    nodes = math.ceil(cfg.finest_margin_mm / (2 * half_extent_mm / (r - 1)) - 1e-6)
-    if nodes > 0:
-        touched = F.max_pool3d(touched[None, None].float(), 2 * nodes + 1, stride=1, padding=nodes)[
-            0, 0
-        ].bool()
+    # margin in whole node spacings per axis; counted is (Rz, Ry, Rx)
+    nodes = [
+        math.ceil(cfg.finest_margin_mm / (2 * half_extent_mm / (r - 1)) - 1e-6) for r in res[::-1]
+    ]
+    if max(nodes) > 0:
+        touched = F.max_pool3d(
+            touched[None, None].float(),
+            [2 * n + 1 for n in nodes],
+            stride=1,
+            padding=nodes,
+        )[0, 0].bool()
     n = encoding.restrict_(k, touched)
-    LOG.info("finest grid level: %d of %d nodes kept near the foreground", n, r**3)
+    LOG.info("finest grid level: %d of %d nodes kept near the foreground", n, math.prod(res))
 
 
 def _smoothness(fld, centres: torch.Tensor, step: float, gen: torch.Generator) -> torch.Tensor:

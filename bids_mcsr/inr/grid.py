@@ -4,12 +4,14 @@ A brain fits in a few million 1 mm cells, so every level is a *dense* trainable
 grid (no hashing, hence no collisions). Level ``l`` has ``R_l`` nodes per axis
 over the normalised cube ``[-1, 1]^3`` (node ``0`` at ``-1``, node ``R_l - 1`` at
 ``+1``), with ``R_l`` growing geometrically from ``base_resolution`` to
-``max_resolution``. A point's feature vector is the concatenation over levels of
+``max_resolution``; a per-axis ``finest_mm`` (x, y, z) makes the finer levels
+anisotropic, ``(Rx_l, Ry_l, Rz_l)`` nodes (e.g. 0.68 mm in-plane and 1.33 mm
+through-plane for inputs that are all axial with 0.5 mm pixels). A point's feature vector is the concatenation over levels of
 the trilinear interpolation of that level's ``features_per_level`` values
 (node-centred, as ``F.grid_sample`` with ``align_corners=True``), so ``out_dim =
 n_levels * features_per_level``. Points outside the cube read the border values.
 
-Lookup: each level is stored channels-last, ``(R, R, R, F)`` indexed ``[z, y, x]``;
+Lookup: each level is stored channels-last, ``(Rz, Ry, Rx, F)`` indexed ``[z, y, x]``;
 a point gathers its 8 corner rows by flat index and weights them. On CPU this
 forward + backward took 47 ms for 32,768 points on the 5 levels of a paper-size
 field, against 85 ms for ``F.grid_sample`` (same values; docs/fast-engine.md,
@@ -22,13 +24,14 @@ needs ``R = 2 * half_extent_mm / s + 1`` nodes (``resolution_for_spacing``), e.g
 of resolutions to keep the same physical cell sizes for any field of view; the
 engine passes ``half_extent_mm`` to encodings that accept it.
 
-Memory: ``sum_l R_l^3 * features_per_level`` float32 parameters (x3 with Adam's
+Memory: ``sum_l Rx_l * Ry_l * Rz_l * features_per_level`` float32 parameters (x3 with Adam's
 moments), e.g. levels 16..128 with 2 features are about 5 M parameters (20 MB).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -73,13 +76,15 @@ class DenseGridEncoding(nn.Module):
         Alternative to the two resolutions: node spacings in mm of the coarsest and
         finest level, converted with ``half_extent_mm`` (mm per normalised unit).
         When all three are given they override ``base_resolution`` and
-        ``max_resolution``.
+        ``max_resolution``. ``finest_mm`` may be three spacings (x, y, z): each
+        axis then grows geometrically from the (isotropic) coarsest level to its own.
     init_std
         Standard deviation of the normal initialisation of the grid values
         (small, so the MLP starts from an almost constant field).
 
     ``forward`` maps ``(M, 3)`` float32 normalised coordinates ``(x, y, z)`` to
     ``(M, n_levels * features_per_level)`` features, coarse levels first.
+    ``resolutions`` lists each level's nodes per axis as ``(Rx, Ry, Rz)``.
     """
 
     def __init__(
@@ -90,27 +95,32 @@ class DenseGridEncoding(nn.Module):
         features_per_level: int = 2,
         init_std: float = 1e-2,
         coarsest_mm: float | None = None,
-        finest_mm: float | None = None,
+        finest_mm: float | Sequence[float] | None = None,
         half_extent_mm: float | None = None,
     ):
         super().__init__()
         if features_per_level < 1 or init_std < 0:
             raise ValueError("dense-grid needs features_per_level >= 1 and init_std >= 0")
-        if coarsest_mm is not None and finest_mm is not None and half_extent_mm is not None:
+        finest = [finest_mm] * 3 if isinstance(finest_mm, (int, float)) else finest_mm
+        top = [max_resolution] * 3
+        if coarsest_mm is not None and finest is not None and half_extent_mm is not None:
+            if len(finest) != 3:
+                raise ValueError(f"dense-grid finest_mm needs 1 or 3 spacings, got {finest_mm}")
             base_resolution = resolution_for_spacing(coarsest_mm, half_extent_mm)
-            max_resolution = max(base_resolution, resolution_for_spacing(finest_mm, half_extent_mm))
-        self.resolutions = level_resolutions(n_levels, base_resolution, max_resolution)
-        # Stored (R, R, R, F) indexed [z, y, x, feature]: a node's features are one
-        # contiguous row of the flat (R^3, F) view, so a lookup gathers 8 rows.
+            top = [max(base_resolution, resolution_for_spacing(f, half_extent_mm)) for f in finest]
+        per_axis = [level_resolutions(n_levels, base_resolution, t) for t in top]
+        self.resolutions: list[tuple[int, int, int]] = list(zip(*per_axis, strict=True))
+        # Stored (Rz, Ry, Rx, F) indexed [z, y, x, feature]: a node's features are one
+        # contiguous row of the flat (Rz Ry Rx, F) view, so a lookup gathers 8 rows.
         # Drawn channels-first (the layout of earlier versions) so a seed gives the
         # same initial field.
         self.levels = nn.ParameterList(
             nn.Parameter(
-                (torch.randn(features_per_level, r, r, r) * init_std)
+                (torch.randn(features_per_level, rz, ry, rx) * init_std)
                 .permute(1, 2, 3, 0)
                 .contiguous()
             )
-            for r in self.resolutions
+            for rx, ry, rz in self.resolutions
         )
         self.out_dim = n_levels * features_per_level
         # levels passed to ``restrict_``; each has a buffer ``node_rows_<k>``: the (R^3,)
@@ -123,23 +133,23 @@ class DenseGridEncoding(nn.Module):
 
     @torch.no_grad()
     def restrict_(self, k: int, active: torch.Tensor) -> int:
-        """Keep level ``k``'s values only at the ``active`` nodes (bool ``(R, R, R)``, ``[z, y, x]``).
+        """Keep level ``k``'s values only at the ``active`` nodes (bool ``(Rz, Ry, Rx)``, ``[z, y, x]``).
 
         The level becomes an ``(n_active, F)`` table (its current values) plus a node
         -> row index; other nodes read 0 and have no parameters, so a fine level costs
         memory and optimiser time only where it is needed (e.g. around the brain).
         Call before creating the optimiser. Returns the number of stored nodes.
         """
-        r = self.resolutions[k]
-        if k in self.restricted or tuple(active.shape) != (r, r, r):
-            raise ValueError(f"restrict_ needs an unrestricted level and a ({r}, {r}, {r}) mask")
+        shape = self.resolutions[k][::-1]
+        if k in self.restricted or tuple(active.shape) != shape:
+            raise ValueError(f"restrict_ needs an unrestricted level and a {shape} mask")
         flat = active.reshape(-1).to(self.levels[k].device)
         n = int(flat.sum())
         if n >= 2**31:
             raise ValueError(f"restrict_ keeps at most 2^31 - 1 nodes per level, got {n}")
-        rows = torch.full((r**3,), -1, dtype=torch.int32, device=flat.device)
+        rows = torch.full((flat.numel(),), -1, dtype=torch.int32, device=flat.device)
         rows[flat] = torch.arange(n, dtype=torch.int32, device=flat.device)
-        table = self.levels[k].data.reshape(r**3, -1)[flat].clone()
+        table = self.levels[k].data.reshape(flat.numel(), -1)[flat].clone()
         self.levels[k] = nn.Parameter(table)
         self.register_buffer(f"node_rows_{k}", rows)
         self.restricted.add(k)
@@ -152,7 +162,7 @@ class DenseGridEncoding(nn.Module):
         One explicit step of heat diffusion on each level (mirror boundaries: a face
         node averages only its existing neighbours' differences). ``fraction`` in
         ``[0, 1]``; 1 replaces each node by the mean of its neighbours' values.
-        ``strength`` (per level, e.g. from ``reach_strength``: an ``(R, R, R, 1)``
+        ``strength`` (per level, e.g. from ``reach_strength``: an ``(Rz, Ry, Rx, 1)``
         tensor in ``[0, 1]`` that scales the step node by node, or None to leave that
         level alone); None = 1 everywhere on every level.
         """
@@ -184,7 +194,7 @@ class DenseGridEncoding(nn.Module):
 
         ``weights`` ``(M,)`` scales each point's share (e.g. ``1/K`` for the K points
         of one slice profile); None = 1. ``levels``: indices of the levels to count
-        (None = all); the others get None. A counted level is one ``(R, R, R)``
+        (None = all); the others get None. A counted level is one ``(Rz, Ry, Rx)``
         float32 tensor indexed ``[z, y, x]`` like the levels: a node no point's cell
         touches has reach 0; a node of a 1 mm level at the centre of a sampled 1 mm
         voxel gets 1 from that voxel (the same weights as the lookup's gradient).
@@ -194,13 +204,13 @@ class DenseGridEncoding(nn.Module):
             if levels is not None and k not in levels:
                 out.append(None)
                 continue
-            r = self.resolutions[k]
-            index, w = _corner_weights(points.to(level.dtype), r)
+            res = self.resolutions[k]
+            index, w = _corner_weights(points.to(level.dtype), res)
             if weights is not None:
                 w = w * weights.to(w.dtype)[:, None]
-            total = torch.zeros(r * r * r, dtype=torch.float32, device=level.device)
+            total = torch.zeros(math.prod(res), dtype=torch.float32, device=level.device)
             total.index_add_(0, index.reshape(-1), w.reshape(-1).float())
-            out.append(total.view(r, r, r))
+            out.append(total.view(res[::-1]))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +225,7 @@ class DenseGridEncoding(nn.Module):
 
 
 def reach_strength(reach: list[torch.Tensor | None], threshold: float) -> list[torch.Tensor | None]:
-    """Per-node diffusion strength ``clip(1 - reach / threshold, 0, 1)``, shaped ``(R, R, R, 1)``.
+    """Per-node diffusion strength ``clip(1 - reach / threshold, 0, 1)``, ``(Rz, Ry, Rx, 1)``.
 
     ``reach`` as from ``DenseGridEncoding.reach`` (None levels stay None: not
     diffused); ``threshold`` > 0 in the same units (summed trilinear weight). Nodes
@@ -232,21 +242,28 @@ def reach_strength(reach: list[torch.Tensor | None], threshold: float) -> list[t
 _CORNERS = [(k & 1, (k >> 1) & 1, k >> 2) for k in range(8)]
 
 
-def _corner_weights(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _corner_weights(
+    x: torch.Tensor, res: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat node indices ``(M, 8)`` and trilinear weights ``(M, 8)`` of points ``x`` ``(M, 3)``.
 
-    On a level of ``r`` nodes per axis stored ``[z, y, x]`` (flat index
-    ``(z * r + y) * r + x``), node ``0`` at ``-1`` and node ``r - 1`` at ``+1``;
-    points outside are clamped to the border. No gradient (the coordinates are data).
+    On a level of ``res = (Rx, Ry, Rz)`` nodes stored ``[z, y, x]`` (flat index
+    ``(z * Ry + y) * Rx + x``), node ``0`` at ``-1`` and node ``R - 1`` at ``+1`` on
+    each axis; points outside are clamped to the border. No gradient (the
+    coordinates are data).
     """
+    rx, ry, _ = res
     with torch.no_grad():
-        p = ((x + 1) * (0.5 * (r - 1))).clamp(0, r - 1)
+        top = torch.tensor([r - 1 for r in res], dtype=x.dtype, device=x.device)
+        p = torch.minimum(((x + 1) * (0.5 * top)).clamp(min=0), top)
         # the last cell's lower corner is node R - 2, so every corner index is valid
-        i0 = p.floor().clamp(max=r - 2)
+        i0 = torch.minimum(p.floor(), top - 1)
         frac = p - i0
         i0 = i0.long()
-        base = (i0[:, 2] * r + i0[:, 1]) * r + i0[:, 0]
-        step = torch.tensor([dx + r * dy + r * r * dz for dx, dy, dz in _CORNERS], device=x.device)
+        base = (i0[:, 2] * ry + i0[:, 1]) * rx + i0[:, 0]
+        step = torch.tensor(
+            [dx + rx * dy + rx * ry * dz for dx, dy, dz in _CORNERS], device=x.device
+        )
         both = torch.stack([1 - frac, frac], dim=1)  # (M, 2, 3): weight of the low/high node
         weights = torch.stack(
             [both[:, dx, 0] * both[:, dy, 1] * both[:, dz, 2] for dx, dy, dz in _CORNERS], dim=1
@@ -255,18 +272,22 @@ def _corner_weights(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _trilinear(
-    level: torch.Tensor, x: torch.Tensor, r: int, node_rows: torch.Tensor | None = None
+    level: torch.Tensor,
+    x: torch.Tensor,
+    res: tuple[int, int, int],
+    node_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Trilinear interpolation of a level of ``r`` nodes per axis at ``x`` ``(M, 3)`` in ``[-1, 1]``.
+    """Trilinear interpolation of a level of ``res = (Rx, Ry, Rz)`` nodes at ``x`` ``(M, 3)``.
 
-    ``level`` is ``(R, R, R, F)``, or with ``node_rows`` (``(R^3,)`` row of each node,
-    -1 = not stored, read as 0) an ``(n, F)`` table. Node ``0`` sits at ``-1`` and
-    node ``R - 1`` at ``+1`` on each axis; points outside are clamped to the border.
-    Returns ``(M, F)``; the gradient flows to the level only (the coordinates are data).
+    ``level`` is ``(Rz, Ry, Rx, F)``, or with ``node_rows`` (``(Rz Ry Rx,)`` row of
+    each node, -1 = not stored, read as 0) an ``(n, F)`` table. Node ``0`` sits at
+    ``-1`` and node ``R - 1`` at ``+1`` on each axis; points outside are clamped to
+    the border. Returns ``(M, F)``; the gradient flows to the level only (the
+    coordinates are data).
     """
-    index, weights = _corner_weights(x, r)
+    index, weights = _corner_weights(x, res)
     if node_rows is None:
-        rows = level.reshape(r * r * r, -1)[index]  # (M, 8, F)
+        rows = level.reshape(math.prod(res), -1)[index]  # (M, 8, F)
     else:
         index = node_rows[index]
         weights = weights * (index >= 0)
