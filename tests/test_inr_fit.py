@@ -533,18 +533,22 @@ def test_finest_level_follows_sub_millimetre_pixels_only():
     assert np.prod([resolution_for_spacing(v, half) for v in capped]) <= MAX_REFINED_NODES
     fast = resolve("fast")
     # 1 mm pixels (the preset's reference): the preset as it is
-    assert _follow_fine_inputs(fast, [_axial(1.0, 4), np.diag([4.0, 1, 1, 1])], half) is fast
+    assert _follow_fine_inputs(fast, [_axial(1.0, 4), np.diag([4.0, 1, 1, 1])], half, 1.0) is fast
     # 0.5 mm pixels in all-axial scans: finer in x and y only, one more level, near the
     # foreground only
-    cfg = _follow_fine_inputs(fast, [_axial(0.5, 4), _axial(0.72, 3)], half)
+    cfg = _follow_fine_inputs(fast, [_axial(0.5, 4), _axial(0.72, 3)], half, 0.5)
     assert cfg.encoding_params["finest_mm"] == [0.665, 0.665, 1.33]
     assert cfg.encoding_params["n_levels"] == fast.encoding_params["n_levels"] + 1
     assert cfg.finest_margin_mm == 3.0
+    # a 1 mm output grid shows no detail finer than 1 mm: nothing to refine
+    assert _follow_fine_inputs(fast, [_axial(0.5, 4)], half, 1.0) is fast
+    partly = _follow_fine_inputs(fast, [_axial(0.5, 4)], half, 0.75)
+    assert partly.encoding_params["finest_mm"] == [0.9975, 0.9975, 1.33]
     # off, or not a grid with a scalar finest spacing: unchanged
     off = replace(fast, finest_reference_mm=None)
-    assert _follow_fine_inputs(off, [_axial(0.5, 4)], half) is off
+    assert _follow_fine_inputs(off, [_axial(0.5, 4)], half, 0.5) is off
     paper = resolve("paper")
-    assert _follow_fine_inputs(paper, [_axial(0.5, 4)], half) is paper
+    assert _follow_fine_inputs(paper, [_axial(0.5, 4)], half, 0.5) is paper
     with pytest.raises(ValueError, match="finest_reference_mm"):
         resolve("fast", {"finest_reference_mm": 0})
 

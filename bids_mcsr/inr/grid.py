@@ -6,10 +6,11 @@ over the normalised cube ``[-1, 1]^3`` (node ``0`` at ``-1``, node ``R_l - 1`` a
 ``+1``), with ``R_l`` growing geometrically from ``base_resolution`` to
 ``max_resolution``; a per-axis ``finest_mm`` (x, y, z) makes the finer levels
 anisotropic, ``(Rx_l, Ry_l, Rz_l)`` nodes (e.g. 0.68 mm in-plane and 1.33 mm
-through-plane for inputs that are all axial with 0.5 mm pixels). A point's feature vector is the concatenation over levels of
-the trilinear interpolation of that level's ``features_per_level`` values
-(node-centred, as ``F.grid_sample`` with ``align_corners=True``), so ``out_dim =
-n_levels * features_per_level``. Points outside the cube read the border values.
+through-plane for inputs that are all axial with 0.5 mm pixels). A point's
+feature vector is the concatenation over levels of the trilinear interpolation
+of that level's ``features_per_level`` values (node-centred, as ``F.grid_sample``
+with ``align_corners=True``), so ``out_dim = n_levels * features_per_level``.
+Points outside the cube read the border values.
 
 Lookup: each level is stored channels-last, ``(Rz, Ry, Rx, F)`` indexed ``[z, y, x]``;
 a point gathers its 8 corner rows by flat index and weights them. On CPU this
@@ -24,8 +25,8 @@ needs ``R = 2 * half_extent_mm / s + 1`` nodes (``resolution_for_spacing``), e.g
 of resolutions to keep the same physical cell sizes for any field of view; the
 engine passes ``half_extent_mm`` to encodings that accept it.
 
-Memory: ``sum_l Rx_l * Ry_l * Rz_l * features_per_level`` float32 parameters (x3 with Adam's
-moments), e.g. levels 16..128 with 2 features are about 5 M parameters (20 MB).
+Memory: ``sum_l Rx_l * Ry_l * Rz_l * features_per_level`` float32 parameters (x3
+with Adam's moments), e.g. levels 16..128 with 2 features are about 5 M parameters (20 MB).
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class DenseGridEncoding(nn.Module):
         # Stored (Rz, Ry, Rx, F) indexed [z, y, x, feature]: a node's features are one
         # contiguous row of the flat (Rz Ry Rx, F) view, so a lookup gathers 8 rows.
         # Drawn channels-first (the layout of earlier versions) so a seed gives the
-        # same initial field.
+        # same initial field; scaled in place, so a large level is held at most twice
+        # while it is drawn (a 32 M-node level: 0.5 GB each).
         self.levels = nn.ParameterList(
             nn.Parameter(
-                (torch.randn(features_per_level, rz, ry, rx) * init_std)
+                torch.randn(features_per_level, rz, ry, rx)
+                .mul_(init_std)
                 .permute(1, 2, 3, 0)
                 .contiguous()
             )
