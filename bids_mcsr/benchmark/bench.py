@@ -349,10 +349,7 @@ def rescore(out: Path, data_dir: Path) -> dict:
                 paths = {c: output_path(run_dir, case, c) for c in case.contrasts}
                 missing = [p for p in paths.values() if not p.is_file()]
                 if missing:
-                    raise FileNotFoundError(
-                        f"{missing[0]}: output of {key} {name} is missing; --rescore needs the "
-                        "derivatives folder the benchmark run left under its --out"
-                    )
+                    raise FileNotFoundError(f"{missing[0]}: output of {key} {name} is missing")
                 preds = {c: _prediction(p, case)[0] for c, p in paths.items()}
                 scores[(key, name)] = score(case, preds, wm)
             per_seed.append((seed, scores[(key, name)][row["contrast"]]))

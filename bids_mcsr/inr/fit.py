@@ -32,7 +32,9 @@
    point-sampled slices are filled, and contiguous box slices are left as fitted.
    With ``finest_margin_mm`` the finest grid level keeps only the nodes near the
    foreground (``_restrict_finest``); ``contiguous_overrides`` are applied when
-   every input's slices are contiguous (``contiguous_slices``).
+   every input's slices are contiguous (``contiguous_slices``). With
+   ``finest_reference_mm`` a grid's finest level is refined per world axis for
+   inputs whose in-plane voxels are finer than that (``_follow_fine_inputs``).
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
