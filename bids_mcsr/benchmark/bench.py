@@ -250,15 +250,21 @@ def combine_seeds(runs: Sequence[tuple[int, dict, dict, dict]]) -> dict:
         values = [facts[key] for _, _, facts, _ in runs if facts.get(key) is not None]
         if values:
             row[key] = middle(values)
+    _seed_medians(row, [(seed, scores) for seed, _, _, scores in runs])
+    return row
+
+
+def _seed_medians(row: dict, per_seed: Sequence[tuple[int, dict]]) -> None:
+    """Set each of ``SEED_METRICS`` in ``row`` to its median over ``(seed, scores)``
+    (only where every seed has it) and list each seed's own under ``seed_runs``."""
     for key in SEED_METRICS:
-        values = [scores[key] for _, _, _, scores in runs if key in scores]
-        if len(values) == len(runs):
+        values = [scores[key] for _, scores in per_seed if key in scores]
+        if len(values) == len(per_seed):
             row[key] = statistics.median(values)
     row["seed_runs"] = [
         {"seed": seed, **{k: scores[k] for k in SEED_METRICS if k in scores}}
-        for seed, _, _, scores in runs
+        for seed, scores in per_seed
     ]
-    return row
 
 
 def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> dict[str, dict]:
@@ -355,13 +361,7 @@ def rescore(out: Path, data_dir: Path) -> dict:
             per_seed.append((seed, scores[(key, name)][row["contrast"]]))
         row.update(per_seed[0][1])
         if len(per_seed) > 1:
-            for k in SEED_METRICS:
-                values = [s[k] for _, s in per_seed if k in s]
-                if len(values) == len(per_seed):
-                    row[k] = statistics.median(values)
-            row["seed_runs"] = [
-                {"seed": seed, **{k: s[k] for k in SEED_METRICS if k in s}} for seed, s in per_seed
-            ]
+            _seed_medians(row, per_seed)
     _add_spline_gains(results["rows"])
     m = machine_info()
     note = f"metrics re-scored {m['date_utc']} with commit {m['commit']} (--rescore)"

@@ -40,6 +40,14 @@ def _psnr_db(p: np.ndarray, t: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
+def _scored(mask: np.ndarray, region: np.ndarray | None, metric: str) -> np.ndarray:
+    """The voxels a PSNR averages over: ``mask``, or ``mask & region``; never empty."""
+    where = mask if region is None else mask & np.asarray(region, dtype=bool)
+    if not where.any():
+        raise ValueError(f"{metric}: the scoring region is empty")
+    return where
+
+
 def psnr(
     pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, region: np.ndarray | None = None
 ) -> float:
@@ -49,9 +57,7 @@ def psnr(
     e.g. lesions, while the normalisation still uses the whole ``mask``.
     """
     mask = np.asarray(mask, dtype=bool)
-    where = mask if region is None else mask & np.asarray(region, dtype=bool)
-    if not where.any():
-        raise ValueError("psnr: the scoring region is empty")
+    where = _scored(mask, region, "psnr")
     return _psnr_db(minmax_in_mask(pred, mask), minmax_in_mask(truth, mask), where)
 
 
@@ -66,9 +72,7 @@ def psnr_truth_range(
     restricts the mean to a sub-region, e.g. lesions; the scale stays the mask's.
     """
     mask = np.asarray(mask, dtype=bool)
-    where = mask if region is None else mask & np.asarray(region, dtype=bool)
-    if not where.any():
-        raise ValueError("psnr_truth_range: the scoring region is empty")
+    where = _scored(mask, region, "psnr_truth_range")
     return _psnr_db(minmax_in_mask(pred, mask, ref=truth), minmax_in_mask(truth, mask), where)
 
 

@@ -475,7 +475,7 @@ def in_plane_spacing_per_axis(affines: Sequence[np.ndarray]) -> np.ndarray:
     out = np.full(3, np.inf)
     for affine in affines:
         columns = np.asarray(affine, dtype=float)[:3, :3]
-        sizes = np.linalg.norm(columns, axis=0)
+        sizes = geometry.voxel_sizes(affine)
         thick = geometry.slice_axis(affine) if geometry.is_anisotropic(affine) else None
         for j in range(3):
             if j != thick:
@@ -943,6 +943,7 @@ def _diffusion_strength(
     levels = [
         k
         for k, res in enumerate(encoding.resolutions)
+        # a per-axis level counts by its closest nodes (largest R)
         if 2 * half_extent_mm / (max(res) - 1) < sample_gap_mm / 2
     ]
     if not levels:

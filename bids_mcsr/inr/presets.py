@@ -80,7 +80,8 @@ class Preset:
     # not None (grid encodings with a ``finest_mm``): the finest level's spacing is tuned
     # for inputs whose in-plane voxels are this size (mm). Along a world axis where some
     # input's in-plane voxels are smaller (clinical 0.5 mm pixels), the finest level is
-    # made finer in proportion, one level is added per halving, and it is stored only
+    # made finer in proportion (not below the output voxel; at most
+    # fit.MAX_REFINED_NODES nodes), one level is added per halving, and it is stored only
     # near the foreground (finest_margin_mm, 3 mm unless set), so the output keeps the
     # in-plane detail of the inputs (fit.finest_spacing).
     finest_reference_mm: float | None = None
@@ -219,8 +220,8 @@ FAST = Preset(
     # 0.5-0.7 mm pixels, which 1.33 mm nodes blur: on a real 3-contrast clinical
     # session (crop), re-acquiring the outputs on the inputs' grids gave 29.9 / 28.0 /
     # 30.2 dB against the inputs, below cubic spline's 32.7 / 29.5 / 32.9, with 32-42 %
-    # of the inputs' sub-1.33 mm detail missing; a finest level scaled to the pixels
-    # gave 36.8 / 32.6 / 36.1 dB, 8-12 % missing (docs/fast-engine.md, round 10).
+    # of the inputs' sub-1.33 mm detail missing; this rule (0.68 x 0.68 x 1.33 mm there)
+    # gave 35.9 / 32.6 / 35.3 dB, 11-12 % missing (docs/fast-engine.md, round 10).
     finest_reference_mm=1.0,
     # negative outputs of magnitude inputs are overshoot (docs/fast-engine.md, round 7)
     clip_negative=True,
