@@ -218,12 +218,12 @@ class DenseGridEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.levels[0].dtype)
-        return torch.cat(
-            [
-                _trilinear(level, x, self.resolutions[k], self._node_rows(k))
-                for k, level in enumerate(self.levels)
-            ],
-            dim=1,
+        corners = [_level_corners(x, r, self._node_rows(k)) for k, r in enumerate(self.resolutions)]
+        return _Lookup.apply(
+            len(self.levels),
+            *self.levels,
+            *(index for index, _ in corners),
+            *(weights for _, weights in corners),
         )
 
 
@@ -268,31 +268,65 @@ def _corner_weights(
             [dx + rx * dy + rx * ry * dz for dx, dy, dz in _CORNERS], device=x.device
         )
         both = torch.stack([1 - frac, frac], dim=1)  # (M, 2, 3): weight of the low/high node
-        weights = torch.stack(
-            [both[:, dx, 0] * both[:, dy, 1] * both[:, dz, 2] for dx, dy, dz in _CORNERS], dim=1
-        )
+        # (M, dz, dy, dx) flattens in _CORNERS order; (wx * wy) * wz as written out per corner
+        xy = both[:, None, :, 0] * both[:, :, None, 1]
+        weights = (xy[:, None] * both[:, :, None, None, 2]).reshape(len(x), 8)
     return base[:, None] + step, weights
 
 
-def _trilinear(
-    level: torch.Tensor,
-    x: torch.Tensor,
-    res: tuple[int, int, int],
-    node_rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Trilinear interpolation of a level of ``res = (Rx, Ry, Rz)`` nodes at ``x`` ``(M, 3)``.
+def _level_corners(
+    x: torch.Tensor, res: tuple[int, int, int], node_rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(M, 8)`` of a level's table and their trilinear weights ``(M, 8)`` for points ``x``.
 
-    ``level`` is ``(Rz, Ry, Rx, F)``, or with ``node_rows`` (``(Rz Ry Rx,)`` row of
-    each node, -1 = not stored, read as 0) an ``(n, F)`` table. Node ``0`` sits at
-    ``-1`` and node ``R - 1`` at ``+1`` on each axis; points outside are clamped to
-    the border. Returns ``(M, F)``; the gradient flows to the level only (the
-    coordinates are data).
+    With ``node_rows`` (a restricted level) nodes that are not stored point to row 0
+    with weight 0, so they read 0 and receive no gradient.
     """
     index, weights = _corner_weights(x, res)
-    if node_rows is None:
-        rows = level.reshape(math.prod(res), -1)[index]  # (M, 8, F)
-    else:
+    if node_rows is not None:
         index = node_rows[index]
         weights = weights * (index >= 0)
-        rows = level[index.clamp(min=0)]
-    return (rows * weights[..., None]).sum(dim=1)
+        index = index.clamp(min=0)
+    return index, weights
+
+
+class _Lookup(torch.autograd.Function):
+    """Trilinear reads of all levels at once: ``(M, n_levels * F)`` features.
+
+    ``apply(n, *tables, *indices, *weights)``: per level a table ``(rows, F)`` (or
+    ``(Rz, Ry, Rx, F)``), the ``(M, 8)`` rows each point reads and their weights.
+    Computes what autograd would for ``(table[index] * weights[..., None]).sum(1)``,
+    faster on CPU: the rows are gathered with ``index_select`` (a row copy; advanced
+    indexing walks them value by value), and the backward accumulates with
+    ``index_put_(accumulate=True)``, which is what autograd uses for indexing but
+    not for ``index_select`` (its ``index_add_`` was 1.7x slower here, round 11).
+    """
+
+    @staticmethod
+    def forward(ctx, n: int, *args: torch.Tensor) -> torch.Tensor:
+        tables, indices, weights = args[:n], args[n : 2 * n], args[2 * n :]
+        ctx.save_for_backward(*indices, *weights)
+        ctx.table_shapes = [t.shape for t in tables]
+        out = []
+        for table, index, w in zip(tables, indices, weights, strict=True):
+            flat = table.reshape(-1, table.shape[-1])
+            rows = flat.index_select(0, index.reshape(-1)).view(*index.shape, -1)
+            out.append((rows * w[..., None]).sum(dim=1))
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = len(ctx.table_shapes)
+        indices, weights = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        grads: list[torch.Tensor | None] = [None] * n
+        start = 0
+        for k, shape in enumerate(ctx.table_shapes):
+            width = shape[-1]
+            if ctx.needs_input_grad[1 + k]:
+                g = grad[:, start : start + width]
+                rows = (g[:, None, :] * weights[k][..., None]).reshape(-1, width)
+                out = grad.new_zeros(math.prod(shape[:-1]), width)
+                out.index_put_((indices[k].reshape(-1),), rows, accumulate=True)
+                grads[k] = out.view(shape)
+            start += width
+        return (None, *grads, *([None] * (2 * n)))
