@@ -17,6 +17,9 @@ a point gathers its 8 corner rows by flat index and weights them. On CPU this
 forward + backward took 47 ms for 32,768 points on the 5 levels of a paper-size
 field, against 85 ms for ``F.grid_sample`` (same values; docs/fast-engine.md,
 round 4): its backward scatters into a channels-first grid one value at a time.
+All levels are read by one autograd function (``_Lookup``) that gathers rows with
+``index_select`` and accumulates gradients with a sorted ``index_put_``: the same
+numbers as autograd's indexing, 8 % less time per training step (round 11).
 
 Sizing in mm: the normalised cube spans the longest side of the inputs' union
 bounding box (``geometry.CoordinateNormaliser``), so a node spacing of ``s`` mm
