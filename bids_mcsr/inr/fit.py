@@ -944,7 +944,7 @@ def _diffusion_strength(
         k
         for k, res in enumerate(encoding.resolutions)
         # a per-axis level counts by its closest nodes (largest R)
-        if 2 * half_extent_mm / (max(res) - 1) < sample_gap_mm / 2
+        if grid.node_spacing(max(res), half_extent_mm) < sample_gap_mm / 2
     ]
     if not levels:
         return [None] * len(encoding.resolutions)
@@ -990,7 +990,8 @@ def _restrict_finest(encoding, ts: _TrainingSet, cfg: Preset, half_extent_mm: fl
     touched = counted > 0
     # margin in whole node spacings per axis; counted is (Rz, Ry, Rx)
     nodes = [
-        math.ceil(cfg.finest_margin_mm / (2 * half_extent_mm / (r - 1)) - 1e-6) for r in res[::-1]
+        math.ceil(cfg.finest_margin_mm / grid.node_spacing(r, half_extent_mm) - 1e-6)
+        for r in res[::-1]
     ]
     # a cube dilation is three 1-D ones: same nodes, 0.6 s instead of 3.3 s on a 225^3 level
     grown = touched[None, None].float()

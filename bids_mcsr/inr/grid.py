@@ -65,6 +65,11 @@ def resolution_for_spacing(spacing_mm: float, half_extent_mm: float) -> int:
     return max(2, math.ceil(2 * half_extent_mm / spacing_mm - 1e-6) + 1)
 
 
+def node_spacing(resolution: int, half_extent_mm: float) -> float:
+    """Distance (mm) between neighbouring nodes of ``resolution`` nodes over ``[-1, 1]``."""
+    return 2 * half_extent_mm / (resolution - 1)
+
+
 @register_encoding("dense-grid")
 class DenseGridEncoding(nn.Module):
     """Multi-resolution dense feature grids with trilinear interpolation.
