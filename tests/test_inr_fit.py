@@ -457,6 +457,40 @@ def test_finest_level_kept_near_the_foreground_only(phantom):
     # still a fit of the data inside the ball (not zeroed), and close to the dense one
     assert np.isfinite(a_near).all()
     assert np.corrcoef(a_near[ball], a_dense[ball])[0, 1] > 0.95
+    # with three levels (8, 4, 2 mm) margin_up_to_mm 4 takes the 4 mm level (9^3 nodes)
+    # too: only its 8 corner nodes are beyond one node (the 2 mm margin, rounded up) of
+    # a node that the ball's profile points touch
+    three = {**GRID, "encoding_params": {"n_levels": 3, "coarsest_mm": 8.0, "finest_mm": 2.0}}
+    near3 = fit(phantom, masks=True, overrides={**three, "finest_margin_mm": 2.0})
+    both = fit(
+        phantom, masks=True, overrides={**three, "finest_margin_mm": 2.0, "margin_up_to_mm": 4.0}
+    )
+    assert both.config["margin_up_to_mm"] == 4.0
+    assert resolution_for_spacing(4.0, near.config["normaliser"]["half_extent_mm"]) == 9
+    assert near3.config["n_parameters"] - both.config["n_parameters"] == 8 * 4
+    assert np.corrcoef(both.volumes["A"][ball], a_dense[ball])[0, 1] > 0.95
+
+
+def test_fine_levels_are_the_finest_and_those_up_to_margin_up_to_mm():
+    from bids_mcsr.inr.fit import _fine_levels
+    from bids_mcsr.inr.grid import DenseGridEncoding, node_spacing
+    from bids_mcsr.inr.presets import resolve
+
+    # the fast preset's levels for contiguous slices over a 224 mm box: 16 -> 1 mm
+    enc = DenseGridEncoding(
+        n_levels=6, features_per_level=1, coarsest_mm=16.0, finest_mm=1.0, half_extent_mm=112.0
+    )
+    spacings = [round(node_spacing(r[0], 112.0), 2) for r in enc.resolutions]
+    assert spacings == [16.0, 8.96, 5.21, 2.99, 1.72, 1.0]
+    fast = resolve("fast")
+    assert fast.finest_margin_mm is None  # dense unless the slices are contiguous
+    assert _fine_levels(enc, fast, 112.0) == []
+    contiguous = resolve("fast", fast.contiguous_overrides)
+    assert _fine_levels(enc, contiguous, 112.0) == [4, 5]
+    only_finest = resolve("fast", {**fast.contiguous_overrides, "margin_up_to_mm": 0.0})
+    assert _fine_levels(enc, only_finest, 112.0) == [5]
+    with pytest.raises(ValueError, match="margin_up_to_mm"):
+        resolve("fast", {"margin_up_to_mm": -1.0})
 
 
 def test_nonnegative_input_tells_magnitude_from_signed():

@@ -30,8 +30,9 @@
    training points put on it (``_diffusion_strength``), on the levels finer than
    half the widest unsampled stretch (``sample_gap``): only the gaps between
    point-sampled slices are filled, and contiguous box slices are left as fitted.
-   With ``finest_margin_mm`` the finest grid level keeps only the nodes near the
-   foreground (``_restrict_finest``); ``contiguous_overrides`` are applied when
+   With ``finest_margin_mm`` the finest grid level (and those at most
+   ``margin_up_to_mm`` apart) keep only the nodes near the foreground
+   (``_restrict_fine_levels``); ``contiguous_overrides`` are applied when
    every input's slices are contiguous (``contiguous_slices``). With
    ``finest_reference_mm`` a grid's finest level is refined per world axis for
    inputs whose in-plane voxels are finer than that (``_follow_fine_inputs``).
@@ -851,7 +852,7 @@ def _train(
 ) -> _Trained:
     n_out = len(names)
     k = ts.offsets.shape[1]
-    _restrict_finest(fld.encoding, ts, cfg, half_extent_mm)
+    _restrict_fine_levels(fld.encoding, ts, cfg, half_extent_mm)
     opt = _optimizer(fld, cfg)
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
     batch = batch_size_for(pool_size, cfg)
@@ -974,37 +975,60 @@ def _reach(
     return reach
 
 
-def _restrict_finest(encoding, ts: _TrainingSet, cfg: Preset, half_extent_mm: float) -> None:
-    """Store the finest grid level only near the foreground (``Preset.finest_margin_mm``).
+def _fine_levels(encoding, cfg: Preset, half_extent_mm: float) -> list[int]:
+    """Indices of the grid levels stored only near the foreground (``finest_margin_mm``).
 
-    Active nodes: those the foreground LR voxels' profile points touch, dilated by
-    the margin (in whole node spacings, a cube).
+    The finest level, and every level whose node spacing (its widest axis) is at most
+    ``Preset.margin_up_to_mm``; none when ``finest_margin_mm`` is None.
     """
     if cfg.finest_margin_mm is None or not hasattr(encoding, "restrict_"):
-        return
-    k = len(encoding.resolutions) - 1
-    res = encoding.resolutions[k]
-    counted = _reach(encoding, ts, [k], foreground_only=True)[k]
-    if counted is None:
-        return  # no foreground voxel: keep the level dense
-    touched = counted > 0
-    # margin in whole node spacings per axis; counted is (Rz, Ry, Rx)
-    nodes = [
-        math.ceil(cfg.finest_margin_mm / grid.node_spacing(r, half_extent_mm) - 1e-6)
-        for r in res[::-1]
+        return []
+    last = len(encoding.resolutions) - 1
+    return [
+        k
+        for k, res in enumerate(encoding.resolutions)
+        if k == last or grid.node_spacing(min(res), half_extent_mm) <= cfg.margin_up_to_mm
     ]
-    # a cube dilation is three 1-D ones: same nodes, 0.6 s instead of 3.3 s on a 225^3 level
-    grown = touched[None, None].float()
-    for axis, n in enumerate(nodes):
-        if n > 0:
-            kernel = [1, 1, 1]
-            kernel[axis] = 2 * n + 1
-            pad = [0, 0, 0]
-            pad[axis] = n
-            grown = F.max_pool3d(grown, kernel, stride=1, padding=pad)
-    touched = grown[0, 0].bool()
-    n = encoding.restrict_(k, touched)
-    LOG.info("finest grid level: %d of %d nodes kept near the foreground", n, math.prod(res))
+
+
+def _restrict_fine_levels(encoding, ts: _TrainingSet, cfg: Preset, half_extent_mm: float) -> None:
+    """Store the fine grid levels (``_fine_levels``) only near the foreground.
+
+    A level's active nodes: those the foreground LR voxels' profile points touch,
+    dilated by ``Preset.finest_margin_mm`` (in whole node spacings per axis, a cube).
+    """
+    levels = _fine_levels(encoding, cfg, half_extent_mm)
+    if not levels:
+        return
+    counted = _reach(encoding, ts, levels, foreground_only=True)
+    for k in levels:
+        res = encoding.resolutions[k]
+        if counted[k] is None or not bool(counted[k].any()):
+            continue  # no foreground voxel: the level stays dense
+        # margin in whole node spacings per axis; counted is (Rz, Ry, Rx)
+        nodes = [
+            math.ceil(cfg.finest_margin_mm / grid.node_spacing(r, half_extent_mm) - 1e-6)
+            for r in res[::-1]
+        ]
+        # a cube dilation is three 1-D ones: same nodes, 0.6 s instead of 3.3 s on a 225^3 level
+        grown = (counted[k] > 0)[None, None].float()
+        counted[k] = None  # the level's count is not needed past here
+        for axis, n in enumerate(nodes):
+            if n > 0:
+                kernel = [1, 1, 1]
+                kernel[axis] = 2 * n + 1
+                pad = [0, 0, 0]
+                pad[axis] = n
+                grown = F.max_pool3d(grown, kernel, stride=1, padding=pad)
+        n = encoding.restrict_(k, grown[0, 0].bool())
+        spacing = grid.node_spacing(min(res), half_extent_mm)
+        LOG.info(
+            "grid level %d (%.3g mm): %d of %d nodes kept near the foreground",
+            k,
+            spacing,
+            n,
+            math.prod(res),
+        )
 
 
 def _smoothness(fld, centres: torch.Tensor, step: float, gen: torch.Generator) -> torch.Tensor:

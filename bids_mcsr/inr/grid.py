@@ -292,7 +292,8 @@ def _level_corners(
     """
     index, weights = _corner_weights(x, res)
     if node_rows is not None:
-        index = node_rows[index]
+        # index_select, not node_rows[index]: a row copy instead of a value-by-value walk
+        index = node_rows.index_select(0, index.reshape(-1)).view(index.shape)
         weights = weights * (index >= 0)
         index = index.clamp(min=0)
     return index, weights
