@@ -159,8 +159,8 @@ def test_seeded_cpu_runs_are_identical(phantom):
 def test_plateau_stop_writes_the_selected_epoch(phantom):
     # A permissive rule (window 1, 90 % tolerance) reaches a plateau within a few epochs.
     rule = {"epochs": 12, "min_epochs": 3, "patience": 2, "window": 1, "rel_tol": 0.9}
-    # clip_negative off: the written volumes are then the monitored predictions, rescaled
-    r = fit(phantom, masks=True, overrides={**rule, "mi_samples": 100_000, "clip_negative": False})
+    # clip_to_floor off: the written volumes are then the monitored predictions, rescaled
+    r = fit(phantom, masks=True, overrides={**rule, "mi_samples": 100_000, "clip_to_floor": False})
     assert r.stop_reason == "mi-plateau" and 3 <= r.epochs_run < 12
     assert 1 <= r.selected_epoch <= r.epochs_run
     assert len(r.mi_curve["A|B"]) == r.epochs_run
@@ -508,25 +508,72 @@ def test_nonnegative_input_tells_magnitude_from_signed():
     assert not nonnegative_input(Contrast("A", -np.abs(zscored), np.eye(4)))
 
 
-def test_outputs_of_magnitude_inputs_are_clipped_at_zero(phantom):
-    kept = fit(phantom, overrides={"clip_negative": False})
+def test_output_floor_is_the_background_fill_else_zero_for_magnitude():
+    from bids_mcsr.inr.fit import background_fill, output_floor
+
+    rng = np.random.default_rng(0)
+    head = rng.uniform(1.0, 100.0, (10, 10, 10)).astype(np.float32)
+    head[:3] = 0.0  # 30 % zero-filled background
+    assert background_fill(Contrast("A", head, np.eye(4))) == 0.0
+    assert output_floor(Contrast("A", head, np.eye(4))) == 0.0
+    # z-scored and skull-stripped (BraTS): the fill is the minimum, below 0
+    zscored = (head - head.mean()) / head.std()
+    fill = float(zscored.min())
+    assert fill < -1.0 and output_floor(Contrast("A", zscored, np.eye(4))) == fill
+    # a fill held by under FILL_SHARE (10 %) of the voxels is no background
+    zscored[:2] = rng.standard_normal((2, 10, 10)) - 5.0
+    assert background_fill(Contrast("A", zscored, np.eye(4))) is None
+    assert output_floor(Contrast("A", zscored, np.eye(4))) is None  # signed: no floor
+    noisy = rng.uniform(1.0, 100.0, (10, 10, 10)).astype(np.float32)  # raw magnitude
+    assert background_fill(Contrast("A", noisy, np.eye(4))) is None
+    assert output_floor(Contrast("A", noisy, np.eye(4))) == 0.0
+
+
+def test_outputs_are_clipped_at_the_input_floor(phantom):
+    kept = fit(phantom, overrides={"clip_to_floor": False})
     clipped = fit(phantom)  # the fast preset clips
     for name in ("A", "B"):
         raw, out = kept.volumes[name], clipped.volumes[name]
-        n = [c["clipped_voxels"] for c in clipped.config["contrasts"] if c["name"] == name][0]
-        assert n == np.count_nonzero(raw < 0) and out.min() == 0.0
+        cfg = [c for c in clipped.config["contrasts"] if c["name"] == name][0]
+        assert cfg["output_floor"] == 0.0  # the phantom's zero-filled background
+        assert cfg["clipped_voxels"] == np.count_nonzero(raw < 0) and out.min() == 0.0
         np.testing.assert_array_equal(out, np.maximum(raw, 0))  # same fit, only clipped
     assert sum(c["clipped_voxels"] for c in clipped.config["contrasts"]) > 0
     assert all(c["clipped_voxels"] is None for c in kept.config["contrasts"])
-    # a signed input (every voxel shifted below 0) keeps its sign
     _, lr, _ = phantom
-    signed = [Contrast("A", lr["A"][0] - 2.0, lr["A"][1]), Contrast("B", *lr["B"])]
-    res = fit_contrasts(
-        signed, (N, N, N), np.eye(4), preset="fast", overrides=TINY, nthreads=1, progress=False
-    )
-    assert res.config["contrasts"][0]["clipped_voxels"] is None
-    assert res.volumes["A"].min() < -1.0
-    assert res.config["contrasts"][1]["clipped_voxels"] is not None
+    noise = np.random.default_rng(1).normal(0.0, 0.01, lr["A"][0].shape).astype(np.float32)
+    # shifted below 0 (a z-scored, skull-stripped input): floored at its fill, -2
+    shifted = lr["A"][0] - 2.0
+    # shifted with no constant background (every voxel noisy): a signed image, kept
+    signed = shifted + noise
+    res = {}
+    for label, data in (("fill", shifted), ("signed", signed)):
+        pair = [
+            Contrast("A", data, lr["A"][1], mask=lr["A"][0] > 0),
+            Contrast("B", *lr["B"], mask=lr["B"][0] > 0),
+        ]
+        res[label] = fit_contrasts(
+            pair,
+            (N, N, N),
+            np.eye(4),
+            preset="fast",
+            # predicted inside the foreground only: the rest gets the background fill
+            overrides={**TINY, "inference_region": "foreground"},
+            nthreads=1,
+            progress=False,
+        )
+    filled = res["fill"].config["contrasts"][0]
+    assert filled["output_floor"] == -2.0 and filled["clipped_voxels"] > 0
+    out = res["fill"].volumes
+    assert out["A"].min() == -2.0
+    # not predicted: A (fill -2) is -2 there, B (fill 0) is 0
+    inferred = res["fill"].config["inferred_voxels"]
+    assert inferred < N**3 and np.count_nonzero(out["A"] != -2.0) <= inferred
+    assert np.count_nonzero(out["B"] != 0.0) <= inferred
+    assert res["signed"].config["contrasts"][0]["output_floor"] is None
+    assert res["signed"].config["contrasts"][0]["clipped_voxels"] is None
+    assert res["signed"].volumes["A"].min() < -2.0
+    assert res["signed"].config["contrasts"][1]["clipped_voxels"] is not None
 
 
 def _axial(pixel: float, thick: float, rotate_deg: float = 0.0) -> np.ndarray:

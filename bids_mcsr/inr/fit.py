@@ -43,8 +43,9 @@
 6. Inference: every output voxel inside the union of the inputs' fields of view
    (``inference_region="fov"``) or inside the foreground (``"foreground"``) is
    predicted in chunks of ``infer_chunk`` points (bounded memory); other voxels
-   are 0 in the input scale. Output is float32. With ``clip_negative`` the output
-   of a magnitude input (``nonnegative_input``) is clipped at 0.
+   get the input's background fill (``background_fill``; 0 when it has none). Output
+   is float32. With ``clip_to_floor`` every output is clipped at its input's floor
+   (``output_floor``: the background fill, else 0 for a magnitude image).
 
 The output-grid foreground (for MI, and for ``inference_region="foreground"``) is
 ``out_mask`` when given, else the voxels whose centres lie inside every input's
@@ -282,15 +283,17 @@ def fit_contrasts(
             fields, region, out_shape, out_affine, normaliser, cfg.infer_chunk, dev
         )
         volumes = {}
-        clipped: list[int | None] = []
+        floors = [output_floor(c) for c in contrasts]
+        clipped: list[int | None] = [None] * len(names)
         for i, name in enumerate(names):
             lo, hi = scales[i]
-            flat = np.zeros(int(np.prod(out_shape)), dtype=np.float32)
+            fill = background_fill(contrasts[i])
+            flat = np.full(int(np.prod(out_shape)), fill or 0.0, dtype=np.float32)
             flat[region] = pred[:, i] * np.float32(hi - lo) + np.float32(lo)
-            clipped.append(None)
-            if cfg.clip_negative and nonnegative_input(contrasts[i]):
-                clipped[i] = int(np.count_nonzero(flat < 0))
-                np.maximum(flat, 0, out=flat)
+            if cfg.clip_to_floor and floors[i] is not None:
+                floor = np.float32(floors[i])
+                clipped[i] = int(np.count_nonzero(flat < floor))
+                np.maximum(flat, floor, out=flat)
             volumes[name] = flat.reshape(out_shape)
 
     samples = sum(r.samples for r in runs)
@@ -313,9 +316,12 @@ def fit_contrasts(
                 "slice_axis": geometry.slice_axis(c.affine),
                 "slice_thickness_mm": slice_thickness(c),
                 "profile_points": profile_points(c, cfg.profile_samples),
+                "output_floor": floor,
                 "clipped_voxels": n_clipped,
             }
-            for c, (lo, hi), n_clipped in zip(contrasts, scales, clipped, strict=True)
+            for c, (lo, hi), floor, n_clipped in zip(
+                contrasts, scales, floors, clipped, strict=True
+            )
         ],
         "normaliser": {
             "centre_mm": [float(v) for v in normaliser.centre],
@@ -389,6 +395,38 @@ def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> t
     if out_mask is not None and (np.shape(out_mask) != shape or not np.any(out_mask)):
         raise ValueError(f"out_mask must have shape {shape} and be non-empty")
     return shape  # type: ignore[return-value]
+
+
+#: ``background_fill``: the least share of an input's voxels that must hold its minimum.
+FILL_SHARE = 0.1
+
+
+def background_fill(c: Contrast) -> float | None:
+    """The constant ``c`` holds over its background, when that is also its minimum; or None.
+
+    Brain extraction, FOV zero-filling and intensity normalisation (z-scores, as in
+    BraTS) leave one value over the background: the input's minimum, held by at least
+    ``FILL_SHARE`` of its voxels. Nothing in such an image is darker than its
+    background, so that value is the floor of the output (``output_floor``) and what
+    output voxels outside every input's field of view get.
+    """
+    data = np.asarray(c.data)
+    lowest = data.min()
+    if np.count_nonzero(data == lowest) < FILL_SHARE * data.size:
+        return None
+    return float(lowest)
+
+
+def output_floor(c: Contrast) -> float | None:
+    """The least value an output of ``c`` may take (``Preset.clip_to_floor``), or None.
+
+    The input's ``background_fill`` when it has one, else 0 for a magnitude image
+    (``nonnegative_input``); a signed image with no constant background has no floor.
+    """
+    fill = background_fill(c)
+    if fill is not None:
+        return fill
+    return 0.0 if nonnegative_input(c) else None
 
 
 def nonnegative_input(c: Contrast) -> bool:

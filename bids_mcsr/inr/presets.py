@@ -112,12 +112,14 @@ class Preset:
     # --- inference ---
     inference_region: str = "fov"  # "fov": union of the inputs' FOVs; "foreground": MI mask
     infer_chunk: int = 32_768  # output points per forward pass (bounds memory)
-    # True: a contrast whose input is a magnitude image (fit.nonnegative_input) gets its
-    # output clipped at 0. A field (or spline) overshoots below 0 at hard edges such as a
-    # skull-stripped brain's or where the input itself rings; MR magnitude cannot be
-    # negative, and tools such as N4 reject negative voxels. Signed inputs (phase maps,
-    # z-scored intensities) keep their sign.
-    clip_negative: bool = False
+    # True: every output is clipped at its input's floor (fit.output_floor): the constant
+    # that fills its background when that is its minimum (zero-filled or skull-stripped
+    # images, z-scored ones included), else 0 for a magnitude image. A field (or spline)
+    # overshoots below the background at hard edges such as a skull-stripped brain's or
+    # where the input itself rings; MR magnitude cannot be negative, and tools such as
+    # N4 reject negative voxels. Signed inputs with no constant background (phase maps,
+    # z-scored whole heads) are not clipped.
+    clip_to_floor: bool = False
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy (tuples become lists)."""
@@ -232,8 +234,9 @@ FAST = Preset(
     # of the inputs' sub-1.33 mm detail missing; this rule (0.68 x 0.68 x 1.33 mm there)
     # gave 35.9 / 32.6 / 35.3 dB, 11-12 % missing (docs/fast-engine.md, round 10).
     finest_reference_mm=1.0,
-    # negative outputs of magnitude inputs are overshoot (docs/fast-engine.md, round 7)
-    clip_negative=True,
+    # outputs below the input's background (0 for magnitude) are overshoot
+    # (docs/fast-engine.md, rounds 7 and 13)
+    clip_to_floor=True,
     # K for a slice as thick as its spacing; a thinner SliceThickness gets fewer points
     profile_samples=4,  # box profile: the model learns what a thick slice integrates
     # off: weight 1 rescued a seed whose point-sampled icbm-quick fit filled the slice
