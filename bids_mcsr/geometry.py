@@ -81,6 +81,31 @@ def world_to_voxel(xyz: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.asarray(xyz, dtype=float) @ inv[:3, :3].T + inv[:3, 3]
 
 
+def voxel_map(affine: np.ndarray, to_affine: np.ndarray) -> np.ndarray:
+    """4x4 matrix from voxel indices of one grid (``affine``) to voxel coordinates of another."""
+    return np.linalg.inv(np.asarray(to_affine, dtype=float)) @ np.asarray(affine, dtype=float)
+
+
+def mapped_coordinate(
+    shape: Sequence[int],
+    matrix: np.ndarray,
+    axis: int,
+    shift: Sequence[float] = (0.0, 0.0, 0.0),
+    start: int = 0,
+) -> np.ndarray:
+    """Coordinate ``axis`` of ``matrix @ (i, j, k, 1)`` at every voxel of a ``shape`` grid.
+
+    ``matrix``: 4x4 (e.g. ``voxel_map``); ``shift`` (voxels of this grid) is added to
+    ``(i, j, k)`` first; ``start`` offsets ``i`` (a slab of a larger grid). The
+    mapping is affine, so the ``(X, Y, Z)`` float64 result is built by broadcasting
+    three axis ramps, never an ``(N, 3)`` array of voxel coordinates.
+    """
+    m = np.asarray(matrix, dtype=float)[axis]
+    i, j, k = (np.arange(n, dtype=float) + s for n, s in zip(shape[:3], shift, strict=True))
+    i += start
+    return (m[3] + m[0] * i)[:, None, None] + (m[1] * j)[None, :, None] + (m[2] * k)[None, None, :]
+
+
 def voxel_grid(shape: Sequence[int]) -> np.ndarray:
     """All voxel indices of a 3-D grid as ``(prod(shape), 3)`` float, C order."""
     axes = [np.arange(n, dtype=float) for n in shape[:3]]

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from .geometry import compose, rotation_of, slice_axis, voxel_sizes
+from .geometry import compose, rotation_of, slice_axis, voxel_map, voxel_sizes
 from .masks import foreground_mask, resample_mask
-from .resample import acquire
+from .resample import acquire, inside_fov
 
 #: Percentiles (inside the foreground) that define the robust intensity range:
 #: the PSNR peak and the normaliser of the sharpness values. Robust to a few hot
@@ -72,26 +72,16 @@ def _inside_fov(
 ) -> np.ndarray:
     """Bool ``lr_shape``: LR voxels whose whole slice profile lies inside the HR field of view.
 
-    The LR->HR voxel mapping is affine, so HR coordinates are built per axis by
-    broadcasting (no ``(N, 3)`` array), and a voxel counts as inside when both
-    ends of its slice (+-half a slice step along the slice axis) map inside.
+    A voxel counts as inside when both ends of its slice (+-half a slice step along
+    the slice axis) map inside.
     """
-    m = np.linalg.inv(np.asarray(hr_affine, dtype=float)) @ np.asarray(lr_affine, dtype=float)
+    m = voxel_map(lr_affine, hr_affine)
     axis = slice_axis(lr_affine)
-    idx = [np.arange(n, dtype=float) for n in lr_shape[:3]]
     inside = np.ones(tuple(lr_shape[:3]), dtype=bool)
     for half in (-0.5, 0.5):
-        for d in range(3):
-            coord = m[d, 3] + m[d, axis] * half
-            coord = (
-                coord
-                + m[d, 0] * idx[0][:, None, None]
-                + m[d, 1] * idx[1][None, :, None]
-                + m[d, 2] * idx[2][None, None, :]
-            )
-            inside &= (coord >= -0.5 - _FOV_TOLERANCE) & (
-                coord <= hr_shape[d] - 0.5 + _FOV_TOLERANCE
-            )
+        shift = [0.0, 0.0, 0.0]
+        shift[axis] = half
+        inside &= inside_fov(lr_shape, m, hr_shape, _FOV_TOLERANCE, shift)
     return inside
 
 

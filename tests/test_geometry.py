@@ -115,3 +115,20 @@ def test_compose_applies_transform_first_in_world():
     a = _affine((1, 1, 4))
     np.testing.assert_allclose(g.compose(shift, a)[:3, 3], [1, 2, 3])
     np.testing.assert_allclose(g.compose(None, a), a)
+
+
+def test_mapped_coordinate_matches_voxel_to_world():
+    a = _affine((1.0, 1.2, 4.0), _rot((1, 0, 0), 11.0), origin=(3.0, -2.0, 7.0))
+    b = _affine((0.9, 0.9, 0.9), _rot((0, 1, 1), -5.0), origin=(-1.0, 4.0, 2.0))
+    shape = (4, 5, 3)
+    m = g.voxel_map(a, b)
+    ijk = g.voxel_grid(shape)
+    expected = g.world_to_voxel(g.voxel_to_world(ijk + [0.25, 0.0, -0.5], a), b)
+    for axis in range(3):
+        got = g.mapped_coordinate(shape, m, axis, shift=(0.25, 0.0, -0.5))
+        assert got.shape == shape
+        np.testing.assert_allclose(got.ravel(), expected[:, axis], atol=1e-9)
+    # a slab that starts at i = 2 is rows 2.. of the whole grid
+    np.testing.assert_allclose(
+        g.mapped_coordinate((2, 5, 3), m, 1, start=2), g.mapped_coordinate(shape, m, 1)[2:4]
+    )

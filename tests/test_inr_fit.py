@@ -508,25 +508,35 @@ def test_nonnegative_input_tells_magnitude_from_signed():
     assert not nonnegative_input(Contrast("A", -np.abs(zscored), np.eye(4)))
 
 
-def test_output_floor_is_the_background_fill_else_zero_for_magnitude():
+def test_output_floor_is_zero_for_magnitude_else_the_background_fill():
     from bids_mcsr.inr.fit import background_fill, output_floor
+
+    def contrast(data):
+        return Contrast("A", data, np.eye(4))
 
     rng = np.random.default_rng(0)
     head = rng.uniform(1.0, 100.0, (10, 10, 10)).astype(np.float32)
     head[:3] = 0.0  # 30 % zero-filled background
-    assert background_fill(Contrast("A", head, np.eye(4))) == 0.0
-    assert output_floor(Contrast("A", head, np.eye(4))) == 0.0
-    # z-scored and skull-stripped (BraTS): the fill is the minimum, below 0
-    zscored = (head - head.mean()) / head.std()
-    fill = float(zscored.min())
-    assert fill < -1.0 and output_floor(Contrast("A", zscored, np.eye(4))) == fill
-    # a fill held by under FILL_SHARE (10 %) of the voxels is no background
-    zscored[:2] = rng.standard_normal((2, 10, 10)) - 5.0
-    assert background_fill(Contrast("A", zscored, np.eye(4))) is None
-    assert output_floor(Contrast("A", zscored, np.eye(4))) is None  # signed: no floor
+    assert background_fill(contrast(head)) == 0.0 and output_floor(contrast(head)) == 0.0
     noisy = rng.uniform(1.0, 100.0, (10, 10, 10)).astype(np.float32)  # raw magnitude
-    assert background_fill(Contrast("A", noisy, np.eye(4))) is None
-    assert output_floor(Contrast("A", noisy, np.eye(4))) == 0.0
+    assert background_fill(contrast(noisy)) is None and output_floor(contrast(noisy)) == 0.0
+    # z-scored and skull-stripped (BraTS): the floor is the fill, below 0
+    zscored = (head - head.mean()) / head.std()
+    fill = float(zscored[0, 0, 0])
+    assert fill < -1.0 and output_floor(contrast(zscored)) == fill
+    # below the fill, up to 1 % of the voxels may ring (any number a hair below)
+    rings = zscored.copy()
+    rings[0, :5] = fill - 1e-4
+    rings.flat[-10:] = fill - 0.5
+    assert output_floor(contrast(rings)) == fill
+    rings.flat[-11:] = fill - 0.5
+    assert output_floor(contrast(rings)) is None
+    # a value held by under FILL_SHARE (10 %) of the voxels is no background
+    sparse = zscored.copy()
+    sparse[:2] = rng.uniform(fill, 2.0, (2, 10, 10))
+    assert np.count_nonzero(sparse == fill) == 100 and output_floor(contrast(sparse)) == fill
+    sparse[2, 0, 0] = 0.5
+    assert background_fill(contrast(sparse)) is None and output_floor(contrast(sparse)) is None
 
 
 def test_outputs_are_clipped_at_the_input_floor(phantom):

@@ -43,9 +43,9 @@
 6. Inference: every output voxel inside the union of the inputs' fields of view
    (``inference_region="fov"``) or inside the foreground (``"foreground"``) is
    predicted in chunks of ``infer_chunk`` points (bounded memory); other voxels
-   get the input's background fill (``background_fill``; 0 when it has none). Output
-   is float32. With ``clip_to_floor`` every output is clipped at its input's floor
-   (``output_floor``: the background fill, else 0 for a magnitude image).
+   get the input's floor (``output_floor``: 0 for a magnitude image, the background
+   fill of a signed one, else 0). Output is float32. With ``clip_to_floor`` every
+   output is clipped at that floor where there is one.
 
 The output-grid foreground (for MI, and for ``inference_region="foreground"``) is
 ``out_mask`` when given, else the voxels whose centres lie inside every input's
@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import geometry
-from ..resample import profile_offsets
+from ..resample import inside_fov, profile_offsets
 from . import grid  # also registers the "dense-grid" encoding
 from . import mi as mi_mod
 from .encoding import ENCODINGS, build_encoding
@@ -287,8 +287,8 @@ def fit_contrasts(
         clipped: list[int | None] = [None] * len(names)
         for i, name in enumerate(names):
             lo, hi = scales[i]
-            fill = background_fill(contrasts[i])
-            flat = np.full(int(np.prod(out_shape)), fill or 0.0, dtype=np.float32)
+            # not predicted: the input's background (0 for magnitude or without a floor)
+            flat = np.full(int(np.prod(out_shape)), floors[i] or 0.0, dtype=np.float32)
             flat[region] = pred[:, i] * np.float32(hi - lo) + np.float32(lo)
             if cfg.clip_to_floor and floors[i] is not None:
                 floor = np.float32(floors[i])
@@ -397,36 +397,44 @@ def _check_inputs(contrasts, out_shape, out_affine, architecture, out_mask) -> t
     return shape  # type: ignore[return-value]
 
 
-#: ``background_fill``: the least share of an input's voxels that must hold its minimum.
+#: ``background_fill``: the least share of an input's voxels that must hold the fill value.
 FILL_SHARE = 0.1
 
 
 def background_fill(c: Contrast) -> float | None:
-    """The constant ``c`` holds over its background, when that is also its minimum; or None.
+    """The constant that fills ``c``'s background, when little lies clearly below it; or None.
 
     Brain extraction, FOV zero-filling and intensity normalisation (z-scores, as in
-    BraTS) leave one value over the background: the input's minimum, held by at least
-    ``FILL_SHARE`` of its voxels. Nothing in such an image is darker than its
-    background, so that value is the floor of the output (``output_floor``) and what
-    output voxels outside every input's field of view get.
+    BraTS) leave one value over the background: the input's most common value, held by
+    at least ``FILL_SHARE`` of its voxels. As for ``nonnegative_input`` (the same rule
+    about 0), at most 1 % of the voxels may lie more than 1 % of the 99th percentile's
+    distance below it: a cubic resampling upstream rings there at hard edges. None
+    when there is no such value (a raw scan's noisy air, a phase map).
     """
-    data = np.asarray(c.data)
-    lowest = data.min()
-    if np.count_nonzero(data == lowest) < FILL_SHARE * data.size:
+    data = np.asarray(c.data).ravel()
+    # a value held by >= 10 % of the voxels is the most common one of an even sample
+    values, counts = np.unique(data[:: max(1, data.size // 100_000)], return_counts=True)
+    value = values[np.argmax(counts)]
+    if np.count_nonzero(data == value) < FILL_SHARE * data.size:
         return None
-    return float(lowest)
+    top = float(np.percentile(data, 99))
+    if top <= value:
+        return None
+    if np.count_nonzero(data < value - 0.01 * (top - value)) > 0.01 * data.size:
+        return None
+    return float(value)
 
 
 def output_floor(c: Contrast) -> float | None:
     """The least value an output of ``c`` may take (``Preset.clip_to_floor``), or None.
 
-    The input's ``background_fill`` when it has one, else 0 for a magnitude image
-    (``nonnegative_input``); a signed image with no constant background has no floor.
+    0 for a magnitude image (``nonnegative_input``); for a signed one, its
+    ``background_fill`` (z-scored skull-stripped data), or None without one (a phase
+    map, a z-scored whole head). Nothing in such an image is darker than its
+    background; output voxels outside every input's field of view get the floor too
+    (0 without one).
     """
-    fill = background_fill(c)
-    if fill is not None:
-        return fill
-    return 0.0 if nonnegative_input(c) else None
+    return 0.0 if nonnegative_input(c) else background_fill(c)
 
 
 def nonnegative_input(c: Contrast) -> bool:
@@ -656,23 +664,29 @@ def _output_coverage(
     out_shape, out_affine, contrasts, affines, out_mask
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flat bool ``(prod(out_shape),)`` arrays: MI foreground, and inside any input's FOV."""
-    n = int(np.prod(out_shape))
-    inside_all = np.ones(n, bool)
-    inside_any = np.zeros(n, bool)
-    for start in range(0, n, _COVERAGE_CHUNK):
-        flat = np.arange(start, min(start + _COVERAGE_CHUNK, n))
-        world = geometry.voxel_to_world(
-            np.stack(np.unravel_index(flat, out_shape), axis=1), out_affine
-        )
+    shape = tuple(int(v) for v in out_shape)
+    inside_all = np.ones(shape, bool)
+    inside_any = np.zeros(shape, bool)
+    step = max(1, _COVERAGE_CHUNK // (shape[1] * shape[2]))
+    for x0 in range(0, shape[0], step):
+        slab = (min(step, shape[0] - x0), *shape[1:])
+        rows = slice(x0, x0 + slab[0])
         for c, a in zip(contrasts, affines, strict=True):
-            ijk = geometry.world_to_voxel(world, a)
-            shape = np.asarray(c.data.shape)
-            inside = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=1)
-            inside_any[flat] |= inside
+            matrix = geometry.voxel_map(out_affine, a)
+            inside = inside_fov(slab, matrix, c.data.shape, start=x0)
+            inside_any[rows] |= inside
             if c.mask is not None:
-                nearest = np.clip(np.rint(ijk).astype(np.int64), 0, shape - 1)
-                inside &= np.asarray(c.mask, bool)[tuple(nearest.T)]
-            inside_all[flat] &= inside
+                nearest = tuple(
+                    np.clip(
+                        np.rint(geometry.mapped_coordinate(slab, matrix, d, start=x0)),
+                        0,
+                        c.data.shape[d] - 1,
+                    ).astype(np.intp)
+                    for d in range(3)
+                )
+                inside &= np.asarray(c.mask, bool)[nearest]
+            inside_all[rows] &= inside
+    inside_all, inside_any = inside_all.ravel(), inside_any.ravel()
     if out_mask is not None:
         return np.asarray(out_mask, bool).ravel(), inside_any
     if inside_all.any():
@@ -680,7 +694,7 @@ def _output_coverage(
     LOG.warning(
         "the inputs share no foreground on the output grid; MI uses the union of their FOVs"
     )
-    return (inside_any if inside_any.any() else np.ones(n, bool)), inside_any
+    return (inside_any if inside_any.any() else np.ones(inside_any.size, bool)), inside_any
 
 
 def _mi_subsample(foreground: np.ndarray, n: int, seed: int) -> np.ndarray:

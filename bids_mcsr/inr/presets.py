@@ -112,13 +112,12 @@ class Preset:
     # --- inference ---
     inference_region: str = "fov"  # "fov": union of the inputs' FOVs; "foreground": MI mask
     infer_chunk: int = 32_768  # output points per forward pass (bounds memory)
-    # True: every output is clipped at its input's floor (fit.output_floor): the constant
-    # that fills its background when that is its minimum (zero-filled or skull-stripped
-    # images, z-scored ones included), else 0 for a magnitude image. A field (or spline)
-    # overshoots below the background at hard edges such as a skull-stripped brain's or
-    # where the input itself rings; MR magnitude cannot be negative, and tools such as
-    # N4 reject negative voxels. Signed inputs with no constant background (phase maps,
-    # z-scored whole heads) are not clipped.
+    # True: every output is clipped at its input's floor (fit.output_floor): 0 for a
+    # magnitude image, the constant that fills the background of a signed one (z-scored
+    # skull-stripped inputs). A field (or spline) overshoots below the background at hard
+    # edges such as a skull-stripped brain's or where the input itself rings; MR magnitude
+    # cannot be negative, and tools such as N4 reject negative voxels. Signed inputs with
+    # no constant background (phase maps, z-scored whole heads) are not clipped.
     clip_to_floor: bool = False
 
     def to_dict(self) -> dict:
