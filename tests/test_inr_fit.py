@@ -207,6 +207,59 @@ def test_foreground_sampling_and_foreground_inference(phantom, caplog):
     assert len(lines) == 2 and "epoch 2/2" in lines[1] and "MI A|B=" in lines[1]
 
 
+def test_far_background_is_measured_in_mm_through_the_voxel_sizes():
+    from bids_mcsr.inr.fit import _far_background
+
+    mask = np.zeros((20, 3, 7), bool)
+    mask[0, 1, 0] = True
+    aff = np.diag([1.0, 1.0, 4.0, 1.0])  # 4 mm slices along z
+    far = _far_background(Contrast("A", np.zeros(mask.shape), aff, mask=mask), 8.0)
+    assert not far[8, 1, 0] and far[9, 1, 0]  # 8 mm along x: near; 9 mm: far
+    assert not far[0, 1, 2] and far[0, 1, 3]  # two slices (8 mm): near; three (12 mm): far
+    assert not _far_background(Contrast("A", np.zeros(mask.shape), aff), 8.0).any()  # no mask
+    assert not _far_background(Contrast("A", np.zeros(mask.shape), aff, mask=mask), None).any()
+
+
+def test_far_background_voxels_are_redrawn_each_epoch(phantom):
+    from bids_mcsr.inr.fit import _epoch_pool, _TrainingSet
+    from bids_mcsr.inr.presets import resolve
+
+    n = 1000
+    far = torch.zeros(n, dtype=torch.bool)
+    far[600:] = True
+    ts = _TrainingSet(
+        centres=torch.zeros(n, 3),
+        targets=torch.zeros(n),
+        which=torch.zeros(n, dtype=torch.int64),
+        foreground=~far,
+        offsets=torch.zeros(1, 1, 3),
+        far=far,
+    )
+    cfg = resolve("fast", {"far_background_mm": 8.0, "far_background_fraction": 0.25})
+    gen = torch.Generator().manual_seed(0)
+    first, second = (set(_epoch_pool(ts, cfg, gen).tolist()) for _ in range(2))
+    for pool in (first, second):
+        assert len(pool) == 600 + 100 and set(range(600)) <= pool  # all near, 1/4 of far
+    assert first != second  # a fresh quarter of the far background every epoch
+    # the whole app: samples per epoch = near voxels + a quarter of the far ones
+    r = fit(
+        phantom, masks=True, overrides={"far_background_mm": 2.0, "far_background_fraction": 0.25}
+    )
+    _, lr, _ = phantom
+    n_near = n_far = 0
+    for name in ("A", "B"):
+        data, aff = lr[name]
+        dist = ndimage.distance_transform_edt(data <= 0, sampling=np.abs(np.diag(aff)[:3]))
+        n_far += int((dist > 2.0).sum())
+        n_near += int((dist <= 2.0).sum())
+    assert n_far > 0 and r.config["samples_per_epoch"] == n_near + round(n_far * 0.25)
+    with pytest.raises(ValueError, match="far_background_fraction"):
+        resolve("fast", {"far_background_fraction": 0.0})
+    # foreground_fraction takes precedence: all foreground, background to make up 10 %
+    both = replace(cfg, foreground_fraction=0.9)
+    assert len(_epoch_pool(ts, both, gen)) == 600 + round(600 * 0.1 / 0.9)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -557,7 +610,11 @@ def test_outputs_are_clipped_at_the_input_floor(phantom):
     # shifted with no constant background (every voxel noisy): a signed image, kept
     signed = shifted + noise
     res = {}
-    for label, data in (("fill", shifted), ("signed", signed)):
+    for label, data, clip in (
+        ("fill", shifted, True),
+        ("kept", shifted, False),
+        ("signed", signed, True),
+    ):
         pair = [
             Contrast("A", data, lr["A"][1], mask=lr["A"][0] > 0),
             Contrast("B", *lr["B"], mask=lr["B"][0] > 0),
@@ -568,21 +625,22 @@ def test_outputs_are_clipped_at_the_input_floor(phantom):
             np.eye(4),
             preset="fast",
             # predicted inside the foreground only: the rest gets the background fill
-            overrides={**TINY, "inference_region": "foreground"},
+            overrides={**TINY, "inference_region": "foreground", "clip_to_floor": clip},
             nthreads=1,
             progress=False,
         )
     filled = res["fill"].config["contrasts"][0]
-    assert filled["output_floor"] == -2.0 and filled["clipped_voxels"] > 0
-    out = res["fill"].volumes
-    assert out["A"].min() == -2.0
+    raw, out = res["kept"].volumes, res["fill"].volumes
+    assert filled["output_floor"] == -2.0 and out["A"].min() >= -2.0
+    assert filled["clipped_voxels"] == np.count_nonzero(raw["A"] < -2.0)
+    np.testing.assert_array_equal(out["A"], np.maximum(raw["A"], -2.0))  # same fit, floored
     # not predicted: A (fill -2) is -2 there, B (fill 0) is 0
     inferred = res["fill"].config["inferred_voxels"]
     assert inferred < N**3 and np.count_nonzero(out["A"] != -2.0) <= inferred
     assert np.count_nonzero(out["B"] != 0.0) <= inferred
     assert res["signed"].config["contrasts"][0]["output_floor"] is None
     assert res["signed"].config["contrasts"][0]["clipped_voxels"] is None
-    assert res["signed"].volumes["A"].min() < -2.0
+    assert res["signed"].volumes["A"].min() < -1.0  # keeps its sign
     assert res["signed"].config["contrasts"][1]["clipped_voxels"] is not None
 
 

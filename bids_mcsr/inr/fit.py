@@ -74,6 +74,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from .. import geometry
@@ -133,6 +134,7 @@ class _TrainingSet:
     which: torch.Tensor  # (n,) int64, output index of each sample
     foreground: torch.Tensor  # (n,) bool, inside the input's mask
     offsets: torch.Tensor  # (n_outputs, K, 3) float32, slice-profile displacements
+    far: torch.Tensor  # (n,) bool, farther than Preset.far_background_mm from the mask
 
 
 @dataclass
@@ -628,7 +630,7 @@ def _groups(contrasts: list[Contrast], architecture: str) -> list[tuple[list[Con
 
 
 def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _TrainingSet:
-    centres, targets, which, fg, offsets = [], [], [], [], []
+    centres, targets, which, fg, far, offsets = [], [], [], [], [], []
     for k, (c, a, (lo, hi)) in enumerate(zip(contrasts, affines, scales, strict=True)):
         world = geometry.voxel_centres(c.data.shape, a)
         centres.append(normaliser(world))
@@ -639,6 +641,7 @@ def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _
         fg.append(
             np.ones(c.data.size, bool) if c.mask is None else np.asarray(c.mask, bool).ravel()
         )
+        far.append(_far_background(c, cfg.far_background_mm).ravel())
     n_points = max(profile_points(c, cfg.profile_samples) for c in contrasts)
     for c, a in zip(contrasts, affines, strict=True):
         # The slice axis comes from the input's own spacing (a rigid transform keeps it).
@@ -657,7 +660,21 @@ def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _
         which=tensor(which),
         foreground=tensor(fg),
         offsets=torch.from_numpy(np.stack(offsets)).to(dev),
+        far=tensor(far),
     )
+
+
+def _far_background(c: Contrast, distance_mm: float | None) -> np.ndarray:
+    """Bool ``c.data.shape``: voxels farther than ``distance_mm`` (world mm) from ``c.mask``.
+
+    All False without a mask, a distance or any foreground.
+    """
+    if distance_mm is None or c.mask is None or not np.any(c.mask):
+        return np.zeros(c.data.shape, bool)
+    outside = ~np.asarray(c.mask, bool)
+    # Euclidean distance in mm through the input's own (anisotropic) voxel sizes
+    dist = ndimage.distance_transform_edt(outside, sampling=geometry.voxel_sizes(c.affine))
+    return dist > distance_mm
 
 
 def _output_coverage(
@@ -856,10 +873,23 @@ def _lr_factor(cfg: Preset, steps_per_epoch: int):
 
 
 def _epoch_pool(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Tensor:
-    """The sample indices one epoch draws from (CPU): every LR voxel, or the masked mix."""
+    """The sample indices one epoch draws from (CPU): every LR voxel, or the masked mix.
+
+    With ``far_background_mm`` (and no ``foreground_fraction``, which takes precedence):
+    every voxel near the masks plus a fresh random ``far_background_fraction`` of the
+    far background. Such a voxel only pins the
+    constant background that the coarse levels and the network draw anyway (the fine
+    levels are stored near the foreground only), so a quarter of them per epoch does.
+    """
     n = len(ts.targets)
     if cfg.foreground_fraction is None:
-        return torch.arange(n)
+        if cfg.far_background_mm is None or cfg.far_background_fraction >= 1:
+            return torch.arange(n)
+        far = ts.far.cpu()
+        near_idx = torch.nonzero(~far).squeeze(1)
+        far_idx = torch.nonzero(far).squeeze(1)
+        n_far = int(round(len(far_idx) * cfg.far_background_fraction))
+        return torch.cat([near_idx, far_idx[torch.randperm(len(far_idx), generator=gen)[:n_far]]])
     fg = torch.nonzero(ts.foreground.cpu()).squeeze(1)
     bg = torch.nonzero(~ts.foreground.cpu()).squeeze(1)
     # All foreground voxels plus enough background ones to make up (1 - f) of the epoch.

@@ -99,6 +99,11 @@ class Preset:
     profile_samples: int = 1  # K points across each LR voxel's slice (box profile); 1 = centre
     # fraction of an epoch drawn from inside the inputs' masks; None = every LR voxel once
     foreground_fraction: float | None = None
+    # LR voxels farther than this (mm) from their input's mask are "far background": each
+    # epoch draws a fresh random far_background_fraction of them (the rest of the LR voxels
+    # every epoch). None = no such split; foreground_fraction, when set, replaces it.
+    far_background_mm: float | None = None
+    far_background_fraction: float = 1.0
     # --- intensities: (low, high) percentiles inside each input's mask -> 0 and 1 ---
     percentiles: tuple[float, float] = (1.0, 99.0)
     # --- MI monitoring and stopping (see mi.py) ---
@@ -193,11 +198,11 @@ FAST = Preset(
     # (27.35 / 28.23); SSIM up in both modes, both seeds tried (docs/fast-engine.md,
     # round 4). 0.99 is in between.
     adam_betas=(0.9, 0.95),
-    # 6 epochs fit the 3-minute budget since the gather lookup (round 4): paper size
-    # 123 s end to end with box profiles. 6 vs 4 (truth-range PSNR): +0.8 / +0.9 dB
-    # with box profiles, +0.3 / -0.1 with point samples; MS patient's FLAIR and lesion
-    # contrast up in both modes
-    epochs=6,
+    # 8 epochs, with a quarter of the far background per epoch (below): 6 epochs of every
+    # voxel were round 4's choice for the 3-minute budget (6 vs 4, truth-range PSNR:
+    # +0.8 / +0.9 dB with box profiles, +0.3 / -0.1 with point samples); 8 such epochs
+    # cost less than those 6 did (docs/fast-engine.md, round 13)
+    epochs=8,
     schedule="cosine-step",
     # Reach-limited diffusion: every 8 steps, nodes that the training points touch
     # with less than 1 (summed trilinear weight) move toward their neighbours' mean,
@@ -243,6 +248,12 @@ FAST = Preset(
     # untested at paper size (docs/fast-engine.md, round 2)
     smoothness=0.0,
     foreground_fraction=None,
+    # LR voxels more than 8 mm from their input's mask only pin the constant background
+    # (the levels finer than 2 mm are not stored there): a fresh quarter of them per epoch.
+    # Half of a head's LR voxels are such voxels, so an epoch costs about 0.6 of one over
+    # every voxel (docs/fast-engine.md, round 13).
+    far_background_mm=8.0,
+    far_background_fraction=0.25,
     mi_samples=20_000,
     min_epochs=3,
     patience=2,
@@ -334,6 +345,12 @@ def validate(p: Preset) -> None:
             p.foreground_fraction is None or 0 < p.foreground_fraction <= 1,
             "foreground_fraction must be None or in (0, 1]",
         ),
+        (
+            (p.far_background_mm is None or p.far_background_mm >= 0)
+            and 0 < p.far_background_fraction <= 1,
+            "far_background_mm must be None or >= 0, far_background_fraction in (0, 1]",
+        ),
+
         (
             0 <= p.percentiles[0] < p.percentiles[1] <= 100,
             "percentiles must be 0 <= low < high <= 100",
