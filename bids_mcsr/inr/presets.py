@@ -198,11 +198,11 @@ FAST = Preset(
     # (27.35 / 28.23); SSIM up in both modes, both seeds tried (docs/fast-engine.md,
     # round 4). 0.99 is in between.
     adam_betas=(0.9, 0.95),
-    # 8 epochs, with a quarter of the far background per epoch (below): 6 epochs of every
-    # voxel were round 4's choice for the 3-minute budget (6 vs 4, truth-range PSNR:
-    # +0.8 / +0.9 dB with box profiles, +0.3 / -0.1 with point samples); 8 such epochs
-    # cost less than those 6 did (docs/fast-engine.md, round 13)
-    epochs=8,
+    # 6 epochs fit the 3-minute budget since the gather lookup (round 4): paper size
+    # 123 s end to end with box profiles. 6 vs 4 (truth-range PSNR): +0.8 / +0.9 dB
+    # with box profiles, +0.3 / -0.1 with point samples; MS patient's FLAIR and lesion
+    # contrast up in both modes. Contiguous slices get 8 lighter ones (below).
+    epochs=6,
     schedule="cosine-step",
     # Reach-limited diffusion: every 8 steps, nodes that the training points touch
     # with less than 1 (summed trilinear weight) move toward their neighbours' mean,
@@ -225,6 +225,17 @@ FAST = Preset(
     contiguous_overrides={
         "encoding_params": {"n_levels": 6, "finest_mm": 1.0},
         "finest_margin_mm": 3.0,
+        # With the levels finer than 2 mm stored near the foreground only, LR voxels more
+        # than 8 mm from their input's mask only pin the constant background that the
+        # coarse levels and the network draw: each epoch takes a fresh quarter of them.
+        # Half of a head's LR voxels are that far, so an epoch costs about 0.6 of a full
+        # pass, and 8 such epochs less than 6 full ones. icbm2009c box profiles, medians
+        # of 3 seeds: min-max PSNR T1w +1.00, T2w +0.10 dB, truth range -0.03 / +0.06;
+        # papersize 0.7x the time. Point samples keep 6 full epochs: there every level is
+        # dense, and the same change cost T1w 0.16 dB (docs/fast-engine.md, round 13).
+        "far_background_mm": 8.0,
+        "far_background_fraction": 0.25,
+        "epochs": 8,
     },
     # Wherever the finest level is stored near the foreground only (above, or a level
     # refined for clinical pixels), so are the others up to 2 mm (the 1.74 mm level at
@@ -248,12 +259,6 @@ FAST = Preset(
     # untested at paper size (docs/fast-engine.md, round 2)
     smoothness=0.0,
     foreground_fraction=None,
-    # LR voxels more than 8 mm from their input's mask only pin the constant background
-    # (the levels finer than 2 mm are not stored there): a fresh quarter of them per epoch.
-    # Half of a head's LR voxels are such voxels, so an epoch costs about 0.6 of one over
-    # every voxel (docs/fast-engine.md, round 13).
-    far_background_mm=8.0,
-    far_background_fraction=0.25,
     mi_samples=20_000,
     min_epochs=3,
     patience=2,
