@@ -355,7 +355,6 @@ def validate(p: Preset) -> None:
             and 0 < p.far_background_fraction <= 1,
             "far_background_mm must be None or >= 0, far_background_fraction in (0, 1]",
         ),
-
         (
             0 <= p.percentiles[0] < p.percentiles[1] <= 100,
             "percentiles must be 0 <= low < high <= 100",
