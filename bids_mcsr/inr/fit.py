@@ -36,6 +36,9 @@
    every input's slices are contiguous (``contiguous_slices``). With
    ``finest_reference_mm`` a grid's finest level is refined per world axis for
    inputs whose in-plane voxels are finer than that (``_follow_fine_inputs``).
+   An epoch visits every LR voxel once, or (``_epoch_pool``) the foreground mix of
+   ``foreground_fraction``, or every voxel within ``far_background_mm`` of its
+   input's mask plus a fresh ``far_background_fraction`` of the rest.
 5. Monitoring: after every epoch the field predicts a fixed, seeded subsample
    (``mi_samples``, default 50,000) of the output-grid foreground; MI of every
    contrast pair drives the plateau rule of ``mi.py``. The selected epoch's
@@ -877,9 +880,9 @@ def _epoch_pool(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Te
 
     With ``far_background_mm`` (and no ``foreground_fraction``, which takes precedence):
     every voxel near the masks plus a fresh random ``far_background_fraction`` of the
-    far background. Such a voxel only pins the
-    constant background that the coarse levels and the network draw anyway (the fine
-    levels are stored near the foreground only), so a quarter of them per epoch does.
+    far background. A far voxel only pins the constant background that the coarse
+    levels and the network draw (with contiguous slices, where the preset sets this,
+    the fine levels are stored near the foreground only), so a quarter per epoch does.
     """
     n = len(ts.targets)
     if cfg.foreground_fraction is None:
