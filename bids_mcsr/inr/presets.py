@@ -231,8 +231,9 @@ FAST = Preset(
         # Half of a head's LR voxels are that far, so an epoch costs about 0.6 of a full
         # pass, and 8 such epochs less than 6 full ones. icbm2009c box profiles, medians
         # of 3 seeds: min-max PSNR T1w +1.00, T2w +0.10 dB, truth range -0.03 / +0.06;
-        # papersize 0.7x the time. Point samples keep 6 full epochs: there every level is
-        # dense, and the same change cost T1w 0.16 dB (docs/fast-engine.md, round 13).
+        # 0.72x the time (papersize 0.87x). Point samples keep 6 full epochs: every level is
+        # dense there, and the same change cost T1w 0.16 dB truth range (round 13 of
+        # docs/fast-engine.md).
         "far_background_mm": 8.0,
         "far_background_fraction": 0.25,
         "epochs": 8,
