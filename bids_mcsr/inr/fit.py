@@ -137,7 +137,8 @@ class _TrainingSet:
     which: torch.Tensor  # (n,) int64, output index of each sample
     foreground: torch.Tensor  # (n,) bool, inside the input's mask
     offsets: torch.Tensor  # (n_outputs, K, 3) float32, slice-profile displacements
-    far: torch.Tensor  # (n,) bool, farther than Preset.far_background_mm from the mask
+    # (n,) bool, the far background an epoch subsamples (_far_sampling); all False if none
+    far: torch.Tensor
 
 
 @dataclass
@@ -422,12 +423,16 @@ def background_fill(c: Contrast) -> float | None:
     value = values[np.argmax(counts)]
     if np.count_nonzero(data == value) < FILL_SHARE * data.size:
         return None
+    return float(value) if _little_below(data, float(value)) else None
+
+
+def _little_below(data: np.ndarray, value: float) -> bool:
+    """Whether at most 1 % of ``data`` lies more than 1 % of (99th percentile - ``value``)
+    below ``value``; False when the 99th percentile is not above ``value``."""
     top = float(np.percentile(data, 99))
     if top <= value:
-        return None
-    if np.count_nonzero(data < value - 0.01 * (top - value)) > 0.01 * data.size:
-        return None
-    return float(value)
+        return False
+    return np.count_nonzero(data < value - 0.01 * (top - value)) <= 0.01 * data.size
 
 
 def output_floor(c: Contrast) -> float | None:
@@ -451,11 +456,7 @@ def nonnegative_input(c: Contrast) -> bool:
     below); a signed image, such as a phase map or z-scored intensities, has a large
     share of clearly negative voxels.
     """
-    data = np.asarray(c.data, dtype=np.float32)
-    top = float(np.percentile(data, 99))
-    if top <= 0:
-        return False
-    return np.count_nonzero(data < -0.01 * top) <= 0.01 * data.size
+    return _little_below(np.asarray(c.data, dtype=np.float32), 0.0)
 
 
 def _intensity_scale(c: Contrast, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -644,7 +645,7 @@ def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _
         fg.append(
             np.ones(c.data.size, bool) if c.mask is None else np.asarray(c.mask, bool).ravel()
         )
-        far.append(_far_background(c, cfg.far_background_mm).ravel())
+        far.append(_far_background(c, _far_sampling(cfg)).ravel())
     n_points = max(profile_points(c, cfg.profile_samples) for c in contrasts)
     for c, a in zip(contrasts, affines, strict=True):
         # The slice axis comes from the input's own spacing (a rigid transform keeps it).
@@ -665,6 +666,17 @@ def _training_set(contrasts, affines, scales, cfg: Preset, normaliser, dev) -> _
         offsets=torch.from_numpy(np.stack(offsets)).to(dev),
         far=tensor(far),
     )
+
+
+def _far_sampling(cfg: Preset) -> float | None:
+    """``far_background_mm`` when an epoch subsamples the far background, else None.
+
+    It does not when ``foreground_fraction`` is set (that mix takes precedence) or
+    ``far_background_fraction`` is 1 (every voxel anyway).
+    """
+    if cfg.foreground_fraction is not None or cfg.far_background_fraction >= 1:
+        return None
+    return cfg.far_background_mm
 
 
 def _far_background(c: Contrast, distance_mm: float | None) -> np.ndarray:
@@ -886,9 +898,9 @@ def _epoch_pool(ts: _TrainingSet, cfg: Preset, gen: torch.Generator) -> torch.Te
     """
     n = len(ts.targets)
     if cfg.foreground_fraction is None:
-        if cfg.far_background_mm is None or cfg.far_background_fraction >= 1:
+        far = ts.far.cpu()  # all False unless _far_sampling(cfg)
+        if not far.any():
             return torch.arange(n)
-        far = ts.far.cpu()
         near_idx = torch.nonzero(~far).squeeze(1)
         far_idx = torch.nonzero(far).squeeze(1)
         n_far = int(round(len(far_idx) * cfg.far_background_fraction))
