@@ -144,7 +144,17 @@ def output_grid(
     resolution: float,
     reference_affine: np.ndarray | None = None,
 ) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Isotropic grid covering the union of the inputs' fields of view.
+    """Isotropic grid on the reference's voxel lattice, covering every input's field of view.
+
+    The output's axes follow the reference's voxel axes (direction cosines,
+    flips included), and its voxel centres lie on the lattice through the
+    reference's voxel ``(0, 0, 0)`` centre with step ``resolution`` along each
+    axis. So where ``resolution`` equals a reference spacing (the default: its
+    in-plane voxel), output centres coincide with the reference's voxel centres
+    along that axis; where the spacing is ``k * resolution`` (4 mm slices at
+    1 mm), every k-th output voxel sits on a slice centre. The union of the
+    inputs' fields of view (voxel extents, not centres) is covered by whole
+    output voxels.
 
     Parameters
     ----------
@@ -154,8 +164,7 @@ def output_grid(
     resolution
         Output voxel size in mm (isotropic).
     reference_affine
-        Whose voxel axes the output follows (its direction cosines, flips
-        included); default: the first input's.
+        Whose lattice the output follows; default: the first input's.
 
     Returns
     -------
@@ -164,20 +173,32 @@ def output_grid(
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be > 0 mm, got {resolution}")
-    ref = inputs[0][1] if reference_affine is None else reference_affine
+    ref = np.asarray(inputs[0][1] if reference_affine is None else reference_affine, dtype=float)
     rot = rotation_of(ref)
-    # Extent of every input in the reference-aligned frame (coordinates along
-    # the reference's unit axes), so oblique references give a tight grid.
-    pts = np.concatenate([corners_world(s, a) for s, a in inputs]) @ rot
+    origin = ref[:3, 3]  # the reference's voxel (0, 0, 0) centre
+    # Extent of every input along the reference's unit axes, from that centre
+    # (mm), so oblique references give a tight grid.
+    pts = (np.concatenate([corners_world(s, a) for s, a in inputs]) - origin) @ rot
     lo, hi = pts.min(axis=0), pts.max(axis=0)
-    shape = np.maximum(np.ceil((hi - lo) / resolution - 1e-6).astype(int), 1)
-    # Centre the grid on the union box; first voxel centre half a voxel inside.
-    centre = (lo + hi) / 2
-    first = centre - (shape - 1) * resolution / 2
+    # Output voxel j spans [(j - 1/2) r, (j + 1/2) r]; the tolerance keeps a
+    # boundary that falls on a voxel edge from adding a voxel.
+    tol = 1e-6
+    first = np.floor(lo / resolution + 0.5 + tol)
+    last = np.ceil(hi / resolution - 0.5 - tol)
+    shape = np.maximum(last - first + 1, 1).astype(int)
     affine = np.eye(4)
     affine[:3, :3] = rot * resolution
-    affine[:3, 3] = rot @ first
+    affine[:3, 3] = origin + rot @ (first * resolution)
     return (int(shape[0]), int(shape[1]), int(shape[2])), affine
+
+
+def lattice_offset(affine: np.ndarray, reference_affine: np.ndarray) -> np.ndarray:
+    """Where voxel ``(0, 0, 0)`` of a grid lies in another grid's voxel coordinates ``(3,)``.
+
+    For ``output_grid``'s result and its reference this is a whole multiple of
+    ``resolution / spacing`` along each reference axis.
+    """
+    return voxel_map(affine, reference_affine)[:3, 3]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 from . import derivatives, masks, qc
 from .discovery import Candidate, Job, select_contrasts, summarise
 from .errors import ParticipantError
-from .geometry import compose, corners_world, output_grid, voxel_sizes
+from .geometry import compose, corners_world, lattice_offset, output_grid, voxel_sizes
 from .images import Image, load_image
 from .inr.presets import json_ready
 from .report.participant import ContrastEntry, report_path, write_participant_report
@@ -110,10 +110,18 @@ def register_inputs(
 
     With ``--no-registration`` every transform is the identity (the scanner
     coordinates are trusted, ``None``); otherwise each input is registered to
-    the first one by mutual information inside the foregrounds ``fg``. Returns
-    the transforms and the sidecar's ``Registration`` object.
+    the first one by mutual information inside the foregrounds ``fg``, and a
+    pose that moves the reference foreground by less than
+    ``registration.HEADER_TRUST_MM`` on average, or improves MI by less than
+    ``HEADER_TRUST_GAIN``, is not applied (the headers are kept: ``None``). Returns the transforms and the sidecar's
+    ``Registration`` object.
     """
-    from .registration import register_rigid, transform_summary
+    from .registration import (
+        HEADER_TRUST_GAIN,
+        HEADER_TRUST_MM,
+        register_rigid,
+        transform_summary,
+    )
 
     transforms: list[np.ndarray | None] = [None] * len(images)
     record: dict = {"Method": "none" if not opts.registration else "rigid-mattes-mi"}
@@ -121,6 +129,10 @@ def register_inputs(
         return transforms, record
     ref = images[0]
     record["Reference"] = ref.path.name
+    record["HeaderTrust"] = {
+        "MinMeanDisplacementMm": HEADER_TRUST_MM,
+        "MinMIGain": HEADER_TRUST_GAIN,
+    }
     record["Inputs"] = {}
     for i, img in enumerate(images[1:], start=1):
         report: dict = {}
@@ -134,6 +146,8 @@ def register_inputs(
                 moving_mask=fg[i],
                 seed=opts.seed,
                 threads=opts.nthreads or 2,
+                min_motion_mm=HEADER_TRUST_MM,
+                min_gain=HEADER_TRUST_GAIN,
                 report=report,
             )
         except RuntimeError as exc:  # ITK: too few voxels, no overlap, ...
@@ -142,16 +156,34 @@ def register_inputs(
                 f"{img.path}: rigid registration to {ref.path.name} failed ({first}); fix: "
                 "check that both scans show the same head, or pass --no-registration"
             ) from None
-        summary = transform_summary(transforms[i])
-        log.info(
-            "registered %s -> %s: %.2f deg, %.2f mm",
-            img.path.name,
-            ref.path.name,
-            summary["RotationDeg"],
-            summary["DisplacementMm"],
-        )
+        found = float(report["found_mm"])
+        if report["kept_start"]:
+            transforms[i] = None
+            log.info(
+                "registered %s -> %s: headers kept (the best pose moves the brain %.2f mm "
+                "and gains %.2f %% MI; a change needs %.2g mm and %.2g %%)",
+                img.path.name,
+                ref.path.name,
+                found,
+                100 * report["gain"],
+                HEADER_TRUST_MM,
+                100 * HEADER_TRUST_GAIN,
+            )
+        summary = transform_summary(np.eye(4) if transforms[i] is None else transforms[i])
+        if transforms[i] is not None:
+            log.info(
+                "registered %s -> %s: %.2f deg, %.2f mm (brain moved %.2f mm on average)",
+                img.path.name,
+                ref.path.name,
+                summary["RotationDeg"],
+                summary["DisplacementMm"],
+                found,
+            )
         record["Inputs"][img.path.name] = {
             **summary,
+            "HeadersKept": transforms[i] is None,
+            "FoundMeanDisplacementMm": round(found, 4),
+            "FoundMIGain": round(float(report["gain"]), 6),
             "MetricFinal": report.get("metric"),
             "MetricInitial": report.get("metric_initial"),
         }
@@ -178,13 +210,14 @@ def write_transforms(
     prefix = f"sub-{job.subject}" + (f"_ses-{job.session}" if job.session else "")
     written = []
     for c, t in zip(chosen[1:], transforms[1:], strict=True):
-        if t is None:
-            continue
+        if c.path.name not in registration.get("Inputs", {}):
+            continue  # --no-registration: no transform was estimated
         folder.mkdir(parents=True, exist_ok=True)
         # Transforms are not in the BIDS 1.x schema yet (BEP014): keep the validator quiet.
         derivatives.ensure_bidsignore(out_dir, ["*_xfm.txt"])
         path = folder / f"{prefix}_from-{label(c)}_to-{label(chosen[0])}_mode-image_xfm.txt"
-        written.append(save_transform(path, t))
+        # Headers kept (None): the identity, so every registered input has its file.
+        written.append(save_transform(path, np.eye(4) if t is None else t))
         registration["Inputs"][c.path.name]["TransformFile"] = path.name
     return written
 
@@ -264,8 +297,8 @@ def output_grid_for(
     """Common isotropic output grid ``(shape, affine, resolution_mm)``.
 
     Default resolution: the finest voxel spacing among the inputs (their
-    in-plane resolution). Covers the union of the inputs' FOVs, axes of the
-    first input.
+    in-plane resolution). Covers the union of the inputs' FOVs on the first
+    (reference) input's voxel lattice (``geometry.output_grid``).
     """
     if resolution is None:
         resolution = float(min(voxel_sizes(img.affine).min() for img in images))
@@ -273,6 +306,13 @@ def output_grid_for(
         [(img.shape, a) for img, a in zip(images, affines, strict=True)], resolution
     )
     return shape, affine, float(resolution)
+
+
+def grid_record(out_affine: np.ndarray, lattice_name: str, lattice_affine: np.ndarray) -> dict:
+    """The sidecar's ``OutputGrid``: whose voxel lattice the output follows, and where
+    output voxel ``(0, 0, 0)`` lies in that grid's voxel coordinates."""
+    offset = lattice_offset(out_affine, lattice_affine)
+    return {"LatticeOf": lattice_name, "FirstVoxelIn": [round(float(v), 6) for v in offset]}
 
 
 def sidecar_slice_thickness(cand: Candidate, img: Image) -> float | None:
@@ -653,6 +693,10 @@ def _process(
         affines = effective_affines(images, fit_transforms)
         out_shape, out_affine = space.shape, space.affine
         registration["Template"] = template_record(space)
+        # templates.template_space puts the grid on the template's own lattice.
+        grid = {"LatticeOf": f"{space.name} template ({Path(space.source).name})"}
+    else:
+        grid = grid_record(out_affine, images[0].path.name, images[0].affine)
     out_mask = masks.output_mask(list(zip(in_masks, affines, strict=True)), out_shape, out_affine)
     log.info(
         "%s: output grid %s at %g mm (%.1f M voxels)",
@@ -677,6 +721,7 @@ def _process(
         )
     xfm_files = write_transforms(job, chosen, transforms, registration, out_dir)
     fit.sr_fields["Registration"] = registration
+    fit.sr_fields["OutputGrid"] = grid
     return xfm_files + write_outputs(
         job,
         chosen,

@@ -18,6 +18,10 @@ import numpy as np
 from bids_mcsr.resample import acquire
 
 HR_SHAPE = (24, 28, 24)
+#: The app's 1 mm output grid for an axial 1x1x4 reference of the phantom: on the
+#: reference's lattice, whose slice centres (-10 + 4k mm) sit half a voxel off the HR
+#: lattice, the union FOV [-12, 12] mm needs 25 whole voxels through the slices.
+OUT_SHAPE = (24, 28, 25)
 SPACINGS = {
     "axial": (1.0, 1.0, 4.0),
     "sagittal": (4.0, 1.0, 1.0),

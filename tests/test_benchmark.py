@@ -24,17 +24,36 @@ from bids_mcsr.benchmark.bench import (
     method_seeds,
     output_path,
     quick_failures,
+    registration_error,
     render,
 )
-from bids_mcsr.benchmark.cases import Case, crop_or_pad, user_case, view_factors
+from bids_mcsr.benchmark.cases import (
+    Case,
+    case_motion,
+    crop_or_pad,
+    slice_shift_mm,
+    user_case,
+    view_factors,
+)
 from bids_mcsr.benchmark.dataset import write_case_dataset
 from bids_mcsr.benchmark.runner import app_command, run_child
-from bids_mcsr.benchmark.simulate import lr_affine, simulate_acquisition
+from bids_mcsr.benchmark.simulate import (
+    displacement_error_mm,
+    rigid_motion_axis_angle,
+    scanner_grid,
+    simulate_acquisition,
+)
 from bids_mcsr.benchmark.table import MAIN_COLUMNS, markdown_table
 from bids_mcsr.geometry import voxel_to_world
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+
+
+def ndimage_smooth(x: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, 1.5)
 
 
 def _affine(origin=(-10.0, 4.0, 2.0)) -> np.ndarray:
@@ -63,23 +82,83 @@ def _toy_case(shape=(16, 12, 8), flip_x=False) -> Case:
 # --- simulation -----------------------------------------------------------------------
 
 
-def test_profile_mode_is_block_average_of_ramp():
-    # A ramp along z: each 4-voxel block averages to the value at its centre.
-    hr = np.broadcast_to(np.arange(17, dtype=float) * 2.0, (3, 5, 17))
-    lr, _ = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile")
-    assert lr.shape == (3, 5, 4)  # the trailing 17th slice is dropped
-    np.testing.assert_allclose(lr[0, 0], [3.0, 11.0, 19.0, 27.0])
+def test_profile_mode_averages_a_ramp_over_each_slice():
+    # A ramp along z: each 4 mm slice averages to the value at its centre, wherever
+    # the scanner put the centre (away from the edges, which see the zero outside).
+    hr = np.broadcast_to(np.arange(41, dtype=float) * 2.0, (3, 5, 41))
+    lr, aff = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile")
+    assert lr.shape == (3, 5, 11)  # ceil(41 / 4): the FOV is not cropped to whole slices
+    np.testing.assert_allclose(aff[2, 2:], [4.0, 0.0])  # centres at 0, 4, .., 40
+    np.testing.assert_allclose(lr[0, 0, 2:9], 8.0 * np.arange(2, 9), atol=1e-3)
     np.testing.assert_allclose(lr, np.broadcast_to(lr[:1, :1], lr.shape))
+    shifted, aff = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile", shift_mm=1.3)
+    assert aff[2, 3] == pytest.approx(1.3)
+    np.testing.assert_allclose(shifted[0, 0, 2:9], 2.6 + 8.0 * np.arange(2, 9), atol=1e-3)
+    assert abs(shifted[0, 0, -1] - (2.6 + 80.0)) > 1.0  # the edge does differ
 
 
-def test_lr_affine_puts_coarse_centres_at_block_centres():
+def test_profile_mode_integrates_the_slice_not_its_centre():
+    # A single bright HR plane inside a 4 mm slice, 1.5 mm off its centre: a point
+    # sample at the centre misses it, the slice profile sees about a quarter of it.
+    hr = np.zeros((4, 4, 16))
+    hr[:, :, 5] = 1.0
+    box, aff = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile", shift_mm=1.0)
+    point, _ = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "paper", shift_mm=1.0)
+    k = int(np.argmax(box[0, 0]))
+    # Centres at 2.5 + 4k (the FOV's centre 7.5, moved 1 mm): [4.5, 8.5] holds the plane.
+    assert aff[2, 3] + 4 * k == pytest.approx(6.5)
+    assert box[0, 0, k] == pytest.approx(0.25, abs=0.03)
+    assert -0.2 < point[0, 0, k] < 0  # only the interpolant's negative lobe, 1.5 mm away
+
+
+def test_scanner_grid_centres_the_fov_and_shifts_along_the_slices():
     hr_aff = np.array([[0, -1.0, 0, 5], [1.0, 0, 0, -3], [0, 0, 2.0, 7], [0, 0, 0, 1]])
-    aff = lr_affine(hr_aff, (1, 4, 2))
-    for ijk in [(0, 0, 0), (2, 3, 5)]:
-        hr_centre = np.array(ijk) * [1, 4, 2] + [0, 1.5, 0.5]
-        np.testing.assert_allclose(
-            voxel_to_world(np.array([ijk]), aff), voxel_to_world(hr_centre[None], hr_aff)
-        )
+    shape, aff = scanner_grid((10, 13, 9), hr_aff, (1, 4, 1), shift_mm=0.5)
+    assert shape == (10, 4, 9)
+    # The grid centre is the HR grid centre, moved 0.5 mm along the slice axis (y voxel
+    # axis, 1 mm there): HR voxel (4.5, 6, 4) + (0, 0.5, 0).
+    centre = voxel_to_world(np.array([[4.5, 1.5, 4.0]]), aff)
+    np.testing.assert_allclose(centre, voxel_to_world(np.array([[4.5, 6.5, 4.0]]), hr_aff))
+    np.testing.assert_allclose(np.abs(aff[:3, :3]).sum(axis=0), [1, 4, 2])
+    with pytest.raises(ValueError, match="factors"):
+        scanner_grid((4, 4, 4), np.eye(4), (1, 0, 2))
+
+
+def test_moved_acquisition_is_the_moved_head_and_matches_the_lattice_path():
+    rng = np.random.default_rng(2)
+    hr = ndimage_smooth(rng.normal(size=(20, 18, 24)))
+    lattice, aff = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile", shift_mm=0.7)
+    # The general path with a motion of (almost) nothing gives the same samples.
+    still = rigid_motion_axis_angle([0, 0, 1], 0.0, [0, 0, 0])
+    same, aff2 = simulate_acquisition(hr, np.eye(4), (1, 1, 4), "profile", 0.7, motion=still)
+    np.testing.assert_allclose(same[:, :, 1:-1], lattice[:, :, 1:-1], atol=1e-6)
+    np.testing.assert_array_equal(aff2, aff)  # the header knows nothing of the motion
+    # A head moved 2 mm along +x shows, at voxel i, what was at i - 2.
+    moved, _ = simulate_acquisition(
+        hr,
+        np.eye(4),
+        (1, 1, 4),
+        "profile",
+        0.7,
+        motion=rigid_motion_axis_angle([1, 0, 0], 0, [2, 0, 0]),
+    )
+    np.testing.assert_allclose(moved[4:-2, :, 1:-1], lattice[2:-4, :, 1:-1], atol=1e-6)
+    assert np.abs(moved[4:-2] - lattice[4:-2]).max() > 1e-2  # the check can fail
+
+
+def test_displacement_error_of_known_transforms():
+    pts = np.array([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]])
+    turn = rigid_motion_axis_angle([0, 0, 1], 90.0, [1.0, 0, 0])
+    np.testing.assert_allclose(turn[:3, :3] @ [10, 0, 0] + turn[:3, 3], [1, 10, 0], atol=1e-12)
+    mean, worst = displacement_error_mm(None, np.eye(4), pts)
+    assert mean == 0.0 and worst == 0.0
+    shift = np.eye(4)
+    shift[:3, 3] = [0, 0, 3.0]
+    assert displacement_error_mm(shift, None, pts) == pytest.approx((3.0, 3.0))
+    mean, worst = displacement_error_mm(turn, np.eye(4), pts)
+    # (0,0,0) -> (1,0,0); (10,0,0) -> (1,10,0); (0,10,0) -> (-9,0,0)
+    assert worst == pytest.approx(np.hypot(9, 10))
+    assert mean == pytest.approx((1 + 2 * np.hypot(9, 10)) / 3)
 
 
 def test_paper_mode_samples_a_cubic_exactly_away_from_edges():
@@ -99,8 +178,8 @@ def test_paper_mode_samples_a_cubic_exactly_away_from_edges():
 def test_simulate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         simulate_acquisition(np.zeros((4, 4, 4)), np.eye(4), (1, 1, 2), "gauss")
-    with pytest.raises(ValueError, match="too small"):
-        simulate_acquisition(np.zeros((4, 4, 2)), np.eye(4), (1, 1, 4))
+    with pytest.raises(ValueError, match="factors"):
+        simulate_acquisition(np.zeros((4, 4, 2)), np.eye(4), (1, 4))
 
 
 # --- cases and BIDS writing -----------------------------------------------------------
@@ -146,7 +225,9 @@ def test_write_case_dataset_layout_and_sidecars(tmp_path):
     assert paths["T1c"] == t1
     img = nib.load(str(t1))
     assert img.shape == (16, 12, 2)
-    np.testing.assert_allclose(img.affine, lr_affine(case.affine, (1, 1, 4)), atol=1e-5)
+    shift = slice_shift_mm(case, "T1c", 4)
+    expect = scanner_grid(case.shape, case.affine, (1, 1, 4), shift)[1]
+    np.testing.assert_allclose(img.affine, expect, atol=1e-5)
     flair = nib.load(str(paths["FLAIR"]))
     assert flair.shape == (16, 3, 8)
     side = json.loads(t1.with_name("sub-toy_ce-gadolinium_T1w.json").read_text())
@@ -156,8 +237,19 @@ def test_write_case_dataset_layout_and_sidecars(tmp_path):
         "Source": "toy/T1c",
         "Factors": [1, 1, 4],
         "Plane": "axial",
+        "ShiftMm": shift,
+        "Motion": None,
         "Scored": True,
     }
+    assert -2.0 <= shift < 2.0 and shift == slice_shift_mm(case, "T1c", 4)
+    # With motion only the partner (not the app's reference, the first) moves.
+    moved = write_case_dataset(case, tmp_path / "moved", "profile", "coronal", motion="rigid")
+    sides = [
+        json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())["Simulation"]
+        for p in moved.values()
+    ]
+    assert sides[0]["Motion"] is None
+    np.testing.assert_allclose(sides[1]["Motion"], case_motion(case, "rigid"))
     desc = json.loads((tmp_path / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "raw" and desc["BIDSVersion"]
     assert (tmp_path / "participants.tsv").read_text().splitlines() == ["participant_id", "sub-toy"]
@@ -182,14 +274,14 @@ def test_output_path_matches_app_naming(tmp_path):
     )
 
 
-def test_user_case_labels_grid_check_and_trim(tmp_path):
+def test_user_case_labels_and_grid_check(tmp_path):
     aff = _affine()
     for name, shape in [("a_T1w.nii.gz", (9, 8, 10)), ("b_T2w.nii.gz", (9, 8, 10))]:
         nib.save(nib.Nifti1Image(np.ones(shape, np.float32), aff), str(tmp_path / name))
     nib.save(nib.Nifti1Image(np.ones((9, 8, 11), np.float32), aff), str(tmp_path / "c.nii.gz"))
     case = user_case([str(tmp_path / "a_T1w.nii.gz"), f"PD={tmp_path / 'b_T2w.nii.gz'}"])
     assert case.contrasts == ["T1w", "PD"] and case.scored == ("T1w", "PD")
-    assert case.shape == (8, 8, 8)  # trimmed to multiples of the 4 mm thickness
+    assert case.shape == (9, 8, 10)  # whole: the scanner grid covers it with whole slices
     with pytest.raises(ValueError, match=r"c\.nii\.gz.*differs"):
         user_case([str(tmp_path / "a_T1w.nii.gz"), str(tmp_path / "c.nii.gz")])
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -343,16 +435,19 @@ def test_spline_gain_and_quick_check():
     rows = _rows()
     _add_spline_gains(rows)
     assert rows[1]["gain_db"] == pytest.approx(3.5) and rows[3]["gain_db"] == pytest.approx(-1.0)
+    assert rows[1]["ssim_gain"] == pytest.approx(0.05)
     assert "gain_tr_db" not in rows[1]  # rows without truth-range PSNR (older runs)
     with_tr = _rows()
-    with_tr[0]["psnr_tr"], with_tr[1]["psnr_tr"] = 31.0, 35.25
+    for r, value in zip(with_tr, (31.0, 35.25, 29.5, 29.0), strict=True):
+        r["psnr_tr"] = value
     _add_spline_gains(with_tr)
     assert with_tr[1]["gain_tr_db"] == pytest.approx(4.25)
-    problems = quick_failures(rows)
-    assert len(problems) == 1 and problems[0].startswith("T2w: split-head PSNR 27.00")
-    assert quick_failures(rows[:2]) == []
-    failed = [*rows[:1], {**rows[1], "psnr": None, "error": "exit 1; see x.log"}]
-    assert any("exit 1" in p for p in quick_failures([r for r in failed if r]))
+    # The quick check rests on truth-range PSNR, never on the fragile min-max one.
+    problems = quick_failures(with_tr)
+    assert len(problems) == 1 and problems[0].startswith("T2w: split-head truth-range PSNR 29.00")
+    assert quick_failures(with_tr[:2]) == []
+    failed = [*with_tr[:1], {**with_tr[1], "psnr_tr": None, "error": "exit 1; see x.log"}]
+    assert any("exit 1" in p for p in quick_failures(failed))
 
 
 def test_markdown_table_formatting():
@@ -361,9 +456,13 @@ def test_markdown_table_formatting():
     rows[1]["eps_mi"] = float("nan")
     text = markdown_table(rows, MAIN_COLUMNS)
     lines = text.splitlines()
-    assert lines[0].startswith("| case | mode | partner view | contrast | method | PSNR dB |")
+    assert lines[0].startswith(
+        "| case | mode | partner view | motion | contrast | method | PSNR truth-range dB |"
+    )
     assert lines[1].count("|") == len(MAIN_COLUMNS) + 1 and "---:" in lines[1]
-    assert lines[2].startswith("| c | paper | sagittal | T1w | spline | 30.00 | 0.9000 | - |")
+    assert lines[2].startswith(
+        "| c | paper | sagittal | - | T1w | spline | - | - | 0.9000 | - | 30.00 |"
+    )
     assert "| 512 |" in lines[2] and "| 12 |" in lines[3] and "| - |" in lines[3]
     results = _results(rows)
     md = render(results)
@@ -394,7 +493,11 @@ def test_merge_scores_a_run_against_another_runs_spline(tmp_path, capsys):
         files[-1].write_text(json.dumps(run))
     assert main(["--merge", *map(str, files)]) == 0
     md = capsys.readouterr().out
-    assert "commit `abc`" in md and "commit `def`" in md and "| vanilla | 31.25 |" in md
+    assert (
+        "commit `abc`" in md
+        and "commit `def`" in md
+        and any("| vanilla |" in ln and "| 31.25 |" in ln for ln in md.splitlines())
+    )
     assert "| 1.25 |" in md
     assert main(["--merge", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
@@ -463,6 +566,7 @@ def test_method_seeds_and_the_per_seed_table(tmp_path):
         data_dir=tmp_path,
         out=tmp_path,
         seeds=[0, 1, 2],
+        registration=False,
     )
     assert method_seeds(s, "split-head") == [0, 1, 2] and method_seeds(s, "paper") == [0, 1, 2]
     assert method_seeds(s, "spline") == [0]  # deterministic without registration
@@ -480,8 +584,13 @@ def test_method_seeds_and_the_per_seed_table(tmp_path):
     md = render(results)
     assert "seeds [0, 1, 2] (metrics = median over seeds)" in md
     assert "Per seed (the rows above give the medians):" in md
-    assert "| c | paper | sagittal | T1w | split-head | 1 | 27.25 | 29.25 | 0.9100 |" in md
-    assert "| c | paper | sagittal | T1w | split-head | 26.50 |" in md  # the median row
+    assert "| c | paper | sagittal | none | T1w | split-head | 1 | 29.25 | 0.9100 | 27.25 |" in md
+    median_row = next(
+        ln
+        for ln in md.splitlines()
+        if ln.startswith("| c | paper | sagittal | - | T1w | split-head |")
+    )
+    assert "| split-head |" in median_row and "| 26.50 |" in median_row
     assert "seeds 0," in render(_results(_rows()))  # a single seed (older runs: no key)
 
 
@@ -534,7 +643,9 @@ def _spline_run_on_user_volumes(tmp_path: Path) -> tuple[int, Path]:
         nib.save(nib.Nifti1Image(vol, _affine()), str(tmp_path / f"sub-x_{name}.nii.gz"))
     out = tmp_path / "out"
     hr = [str(tmp_path / "sub-x_T1w.nii.gz"), str(tmp_path / "sub-x_T2w.nii.gz")]
+    # The engine-only diagnostic: without registration the spline is deterministic.
     argv = ["--cases", "--hr", *hr, "--methods", "spline", "--modes", "profile"]
+    argv += ["--no-registration"]
     return main([*argv, "--out", str(out), "--seed", "3", "4"]), out
 
 
@@ -549,9 +660,11 @@ def test_benchmark_end_to_end_on_user_volumes_with_spline(tmp_path, capsys):
     for r in rows:
         # spline is deterministic: it runs once, with the first seed, into its own folder
         assert r["seeds"] == [3] and "seed_runs" not in r and "--seed 3" in r["command"]
-        assert not r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
+        # The output follows the reference's lattice, whose slice centres the scanner
+        # placed off the HR lattice: it is brought to the HR grid for scoring.
+        assert r["regridded"] and r["gain_db"] == 0.0 and r["peak_rss_mb"] > 50
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1 and r["eps_hat"] >= 0
-    assert "| user | profile | sagittal | T1w | spline |" in capsys.readouterr().out
+    assert "| user | profile | sagittal | none | T1w | spline |" in capsys.readouterr().out
 
 
 def test_rescore_recomputes_metrics_from_saved_outputs(tmp_path, capsys):
@@ -582,7 +695,7 @@ def test_rescore_recomputes_metrics_from_saved_outputs(tmp_path, capsys):
     assert rows[1]["seed_runs"][1]["psnr_tr"] == pytest.approx(truth["T2w"]["psnr_tr"])
     notes = json.loads((out / "results.json").read_text())["notes"]
     assert sum("(--rescore)" in n for n in notes) == 1
-    assert "| user | profile | sagittal | T1w | spline |" in (out / "results.md").read_text()
+    assert "| user | profile | sagittal | none | T1w | spline |" in (out / "results.md").read_text()
     # Outputs gone: a one-line error naming the missing file, exit 2.
     shutil.rmtree(key / "spline_seed-4")
     assert main(["--rescore", str(out)]) == 2
@@ -591,6 +704,33 @@ def test_rescore_recomputes_metrics_from_saved_outputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["--rescore", str(out), "--merge", str(out / "results.json")])
     assert usage.value.code == 2
+
+
+def test_registration_error_against_the_known_motion():
+    case = _toy_case(shape=(20, 22, 18))
+    motion = case_motion(case, "rigid")
+    partner = "sub-toy_FLAIR.nii.gz"
+
+    def sidecar(matrix):
+        inputs = {} if matrix is None else {partner: {"Matrix": np.asarray(matrix).tolist()}}
+        return {"SuperResolution": {"Registration": {"Method": "rigid", "Inputs": inputs}}}
+
+    # The registration that undoes the motion is exact; keeping the headers is off by
+    # the motion itself (2-5 deg and 4-10 mm: several mm over the brain).
+    exact = registration_error(case, "rigid", sidecar(np.linalg.inv(motion)))
+    assert exact["reg_mean_mm"] == pytest.approx(0.0, abs=1e-9)
+    kept = registration_error(case, "rigid", sidecar(None))
+    assert 4.0 < kept["reg_mean_mm"] <= kept["reg_max_mm"] < 12.0
+    # Aligned scans: the truth is the identity.
+    assert registration_error(case, "none", sidecar(None)) == {
+        "reg_mean_mm": 0.0,
+        "reg_max_mm": 0.0,
+    }
+    shift = np.eye(4)
+    shift[:3, 3] = [0.3, 0.0, 0.4]
+    assert registration_error(case, "none", sidecar(shift))["reg_mean_mm"] == pytest.approx(0.5)
+    # Without registration nothing is scored.
+    assert registration_error(case, "none", {"SuperResolution": {"Registration": {}}}) == {}
 
 
 def test_paper_mode_sidecar_states_a_thin_slice(tmp_path):

@@ -22,8 +22,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_mcsr.benchmark.simulate import lr_affine
-
 REPO = Path(__file__).resolve().parents[1]
 CLINICAL = REPO.parent / "shared" / "data" / "clinical-ms-patient01"
 
@@ -44,7 +42,10 @@ def _write(src: Path, dst: Path, factor: int, motion: np.ndarray | None) -> None
     nx, ny = data.shape[0] // factor, data.shape[1] // factor
     blocks = data[: nx * factor, : ny * factor].reshape(nx, factor, ny, factor, -1)
     small = blocks.mean(axis=(1, 3))
-    affine = lr_affine(img.affine, (factor, factor, 1))
+    # Block k covers input voxels [k * factor, (k + 1) * factor) in-plane.
+    scale = np.diag([factor, factor, 1.0, 1.0])
+    scale[:2, 3] = (factor - 1) / 2
+    affine = img.affine @ scale
     if motion is not None:
         affine = motion @ affine
     out = nib.Nifti1Image(small, affine)

@@ -77,26 +77,54 @@ def test_world_bounds_include_half_voxels():
     np.testing.assert_allclose(hi, [9.5, 9.5, 14.0])
 
 
-def test_output_grid_covers_union_of_complementary_views():
-    # Coarse voxel centres as the simulation places them (1.5 mm into the block).
-    axial = ((160, 224, 40), _affine((1, 1, 4), origin=(0, 0, 1.5)))
-    sagittal = ((40, 224, 160), _affine((4, 1, 1), origin=(1.5, 0, 0)))
+def _on_lattice(out_affine, ref_affine, steps):
+    """Output voxel centres in reference voxel units are whole multiples of ``steps``."""
+    shape = (3, 4, 5)
+    idx = g.voxel_grid(shape)
+    ref_vox = g.world_to_voxel(g.voxel_to_world(idx, out_affine), ref_affine) / np.asarray(steps)
+    np.testing.assert_allclose(ref_vox, np.round(ref_vox), atol=1e-9)
+
+
+def test_output_grid_lies_on_the_reference_lattice_and_covers_the_union():
+    # A scanner-placed axial reference (slice centres at 1.37 mm + 4k) and a
+    # sagittal partner whose centres sit elsewhere (0.25 mm + 4k).
+    axial = ((160, 224, 40), _affine((1, 1, 4), origin=(-80.0, -112.0, 1.37)))
+    sagittal = ((41, 224, 161), _affine((4, 1, 1), origin=(-81.75, -112.0, -0.6)))
     shape, a = g.output_grid([axial, sagittal], 1.0)
-    assert shape == (160, 224, 160)
     np.testing.assert_allclose(g.voxel_sizes(a), [1, 1, 1])
-    # Same FOV as the inputs: first/last voxel centres coincide with a 1 mm grid.
-    np.testing.assert_allclose(a[:3, 3], [0, 0, 0])
+    # In-plane: output centres are the reference's voxel centres; through the
+    # slices every 4th output voxel is a slice centre.
+    _on_lattice(a, axial[1], (1.0, 1.0, 0.25))
+    first_in_ref = g.lattice_offset(a, axial[1])
+    assert first_in_ref[2] * 4 == pytest.approx(round(first_in_ref[2] * 4))
+    # Every input's field of view is covered by whole output voxels, with no
+    # voxel to spare.
     lo, hi = g.world_bounds(shape, a)
-    np.testing.assert_allclose(lo, [-0.5, -0.5, -0.5])
-    np.testing.assert_allclose(hi, [159.5, 223.5, 159.5])
+    for s, aff in (axial, sagittal):
+        ilo, ihi = g.world_bounds(s, aff)
+        assert (lo <= ilo + 1e-9).all() and (hi >= ihi - 1e-9).all()
+    union_lo = np.minimum(*(g.world_bounds(*x)[0] for x in (axial, sagittal)))
+    union_hi = np.maximum(*(g.world_bounds(*x)[1] for x in (axial, sagittal)))
+    assert ((lo + 1.0 > union_lo) & (hi - 1.0 < union_hi)).all()
+    # x: the partner spans [-83.75, 80.25] mm, the reference [-80.5, 79.5]: centres
+    # -84 .. 80 on the reference's lattice.
+    assert shape[0] == 165 and a[0, 3] == pytest.approx(-84.0)
+    # The reference alone at its own in-plane spacing is its own in-plane grid.
+    shape1, a1 = g.output_grid([axial], 1.0)
+    assert shape1[:2] == (160, 224) and shape1[2] == 161
+    np.testing.assert_allclose(a1[:2, 3], axial[1][:2, 3])
+    assert a1[2, 3] == pytest.approx(1.37 - 2.0)
 
 
 def test_output_grid_follows_reference_axes():
     rot = _rot((0, 0, 1), 30)
-    ref = ((20, 20, 5), _affine((1, 1, 4), rot=rot))
+    ref = ((20, 20, 5), _affine((1, 1, 4), rot=rot, origin=(3.3, -2.1, 0.4)))
     shape, a = g.output_grid([ref], 2.0)
     np.testing.assert_allclose(g.rotation_of(a), rot, atol=1e-12)
-    assert shape == (10, 10, 10)
+    _on_lattice(a, ref[1], (2.0, 2.0, 0.5))
+    # The FOV [-0.5, 19.5] mm from voxel 0's centre needs 11 voxels of 2 mm on that
+    # lattice (centres 0..20); the slices' [-2, 18] needs centres -2..18.
+    assert shape == (11, 11, 11)
     with pytest.raises(ValueError, match="resolution"):
         g.output_grid([ref], 0)
 

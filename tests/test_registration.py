@@ -11,8 +11,11 @@ import SimpleITK as sitk
 
 from bids_mcsr.masks import foreground_mask
 from bids_mcsr.registration import (
+    HEADER_TRUST_GAIN,
+    HEADER_TRUST_MM,
     RAS_TO_LPS,
     load_transform,
+    mean_displacement,
     register_rigid,
     save_transform,
     sitk_affine,
@@ -147,7 +150,10 @@ def test_recovers_rigid_transform_between_thick_slice_contrasts(mni2):
     truth = rigid([1.0, -0.5, 0.8], 6.0, [3.0, -2.0, 3.5], centre)
     fixed, fa, moving, ma = simulate_pair(t1, t2, affine, truth, 2, 0, 3)  # 2x2x6 vs 6x2x2
     fm, mm = foreground_mask(fixed, fa), foreground_mask(moving, ma)
-    estimate = register_rigid(fixed, fa, moving, ma, fixed_mask=fm, moving_mask=mm, seed=3)
+    # The workflow's header-trust rule does not get in the way of a real motion.
+    settings = {"fixed_mask": fm, "moving_mask": mm, "seed": 3}
+    settings |= {"min_motion_mm": HEADER_TRUST_MM, "min_gain": HEADER_TRUST_GAIN}
+    estimate = register_rigid(fixed, fa, moving, ma, **settings)
     brain = np.argwhere(t1[::2, ::2, ::2] > 0.2) * 2 @ affine[:3, :3].T + affine[:3, 3]
     disp, angle = errors(estimate, truth, brain)
     assert disp < 1.0 and angle < 0.5, (disp, angle)
@@ -155,7 +161,7 @@ def test_recovers_rigid_transform_between_thick_slice_contrasts(mni2):
     assert start_disp > 5.0  # the test starts far from the answer
     # Deterministic (fixed seed, sample count and threads) up to the order of
     # ITK's multi-threaded sums (~1e-13).
-    again = register_rigid(fixed, fa, moving, ma, fixed_mask=fm, moving_mask=mm, seed=3)
+    again = register_rigid(fixed, fa, moving, ma, **settings)
     np.testing.assert_allclose(estimate, again, atol=1e-8)
 
 
@@ -190,3 +196,45 @@ def test_recovers_5deg_4mm_on_icbm_axial_t1w_and_sagittal_t2w():
     brain = np.argwhere(t1[::3, ::3, ::3] > 0) * 3 @ affine[:3, :3].T + affine[:3, 3]
     disp, angle = errors(estimate, truth, brain)
     assert disp < 0.5 and angle < 0.5, (disp, angle)
+
+
+def test_scans_keep_their_headers_unless_the_metric_clearly_asks(mni2):
+    # Two contrasts, thick slices in different directions, a 0.8 mm offset between
+    # them: registration finds it; with a displacement floor above it (the workflow
+    # uses HEADER_TRUST_MM, the MI optimum's own offset on real contrast pairs) the
+    # headers are kept.
+    t1, t2, affine = mni2
+    small = rigid([0, 0, 1], 0.0, [0.8, 0.0, 0.0], [0.0, 0.0, 0.0])
+    fixed, fa, moving, ma = simulate_pair(t1, t2, affine, small, 2, 0, 3)
+    fm, mm = foreground_mask(fixed, fa), foreground_mask(moving, ma)
+    free: dict = {}
+    moved = register_rigid(fixed, fa, moving, ma, fixed_mask=fm, moving_mask=mm, report=free)
+    assert not free["kept_start"] and 0.5 < free["found_mm"] < 1.0
+    assert free["gain"] > 0
+    assert not np.allclose(moved, np.eye(4))  # without the rule the pair is moved
+    report: dict = {}
+    kept = register_rigid(
+        fixed,
+        fa,
+        moving,
+        ma,
+        fixed_mask=fm,
+        moving_mask=mm,
+        min_motion_mm=1.0,
+        report=report,
+    )
+    np.testing.assert_array_equal(kept, np.eye(4))
+    assert report["kept_start"] and report["found_mm"] == pytest.approx(free["found_mm"])
+    assert report["metric"] == report["metric_initial"]
+    # A gain threshold alone keeps them too when the metric barely prefers the move.
+    gain_only: dict = {}
+    register_rigid(
+        fixed, fa, moving, ma, fixed_mask=fm, moving_mask=mm, min_gain=1.0, report=gain_only
+    )
+    assert gain_only["kept_start"]
+
+
+def test_mean_displacement_of_a_known_shift_and_turn():
+    pts = np.array([[10.0, 0, 0], [-10.0, 0, 0], [0, 0, 5.0]])
+    turn = rigid([0, 0, 1], 180.0, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    assert mean_displacement(turn, np.eye(4), pts) == pytest.approx(40.0 / 3)

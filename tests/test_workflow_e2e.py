@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from bidsdata import HR_SHAPE, make_dataset, pair, phantom
+from bidsdata import OUT_SHAPE, make_dataset, pair, phantom
 
 from bids_mcsr.cli import main
 from bids_mcsr.discovery import validator_errors
@@ -80,7 +80,7 @@ def test_spline_run_writes_expected_files(spline_run):
 def test_outputs_are_isotropic_in_input_scale(spline_run):
     _, out, *_ = spline_run
     img = nib.load(str(out / "sub-01/anat/sub-01_desc-superres_T2w.nii.gz"))
-    assert img.shape == HR_SHAPE
+    assert img.shape == OUT_SHAPE
     np.testing.assert_allclose(img.header.get_zooms(), (1.0, 1.0, 1.0))
     data = img.get_fdata()
     truth = phantom("t2")
@@ -109,7 +109,7 @@ def test_group_table(spline_run):
     ]
     assert {r["method"] for r in rows} == {"spline"}
     assert rows[1]["input_voxel_sizes_mm"] == "4x1x1"
-    assert rows[1]["output_shape"] == "24x28x24"
+    assert rows[1]["output_shape"] == "x".join(map(str, OUT_SHAPE))
     assert float(rows[0]["qc_psnr_db"]) > 20
     # CPU fits hold no GPU memory: the column is there, its value n/a
     assert {r["device"] for r in rows} == {"cpu"}
@@ -138,7 +138,7 @@ def test_inr_path(tmp_path):
     assert sr["Registration"]["Method"] == "none"
     assert "QC" in meta
     data = nib.load(str(anat / "sub-01_desc-superres_FLAIR.nii.gz")).get_fdata()
-    assert data.shape == HR_SHAPE
+    assert data.shape == OUT_SHAPE
     assert data.max() > 100  # input scale, not [0, 1]
     assert validator_errors(out) == []
     assert main([str(bids), str(out), "group"]) == 0

@@ -30,7 +30,7 @@ from .bench import (
     rescore,
     run_benchmark,
 )
-from .cases import CASE_NAMES, QUICK_CASE, VIEWS
+from .cases import CASE_NAMES, MOTIONS, QUICK_CASE, VIEWS
 from .runner import METHODS, REPO
 from .simulate import MODES
 
@@ -116,9 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         "table gives the median of every metric (each seed's own in a second table)",
     )
     p.add_argument(
-        "--registration",
-        action="store_true",
-        help="let the app co-register (default: --no-registration, inputs are aligned)",
+        "--no-registration",
+        dest="registration",
+        action="store_false",
+        help="engine-only diagnostic: run the app with --no-registration (default: the "
+        "user's path, default options with registration, scored against the known motion)",
+    )
+    p.add_argument(
+        "--motions",
+        nargs="+",
+        default=["none"],
+        choices=MOTIONS,
+        help="partner head motion: none (aligned scans) and/or rigid (2-5 deg, 4-10 mm, "
+        "unknown to the headers)",
     )
     p.add_argument(
         "--merge",
@@ -208,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=a.device,
             seeds=list(dict.fromkeys(a.seed)),
             registration=a.registration,
+            motions=list(dict.fromkeys(a.motions)),
             timeout_s=a.timeout,
         )
     if s.cases and not s.data_dir.is_dir():

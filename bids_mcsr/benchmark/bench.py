@@ -2,11 +2,19 @@
 
 Work layout under ``out``::
 
-    bids/<case>_<mode>_<view>/                 simulated raw BIDS dataset
-    derivatives/<case>_<mode>_<view>/<method>/  the app's output_dir
-    work/<case>_<mode>_<view>/<method>/         the app's --work-dir
-    logs/<case>_<mode>_<view>_<method>_<repeat>.log
+    bids/<key>/                 simulated raw BIDS dataset
+    derivatives/<key>/<method>/  the app's output_dir
+    work/<key>/<method>/         the app's --work-dir
+    logs/<key>_<method>_<repeat>.log
     results.json, results.md
+
+where ``<key>`` is ``<case>_<mode>_<view>``, plus ``_moved`` for the cases whose
+partner contrast was acquired after a rigid head motion (``setting_key``).
+
+The headline mode is the user's path: the app runs with its default options,
+registration included, and every row also scores that registration against the
+known truth (``registration_error``). ``--no-registration`` is the engine-only
+diagnostic.
 
 With several seeds, every INR method runs once per seed into ``<method>_seed-<S>``
 (and ``..._<method>_seed-<S>_<repeat>.log``); its table row holds the median of each
@@ -32,10 +40,11 @@ import numpy as np
 from ..derivatives import output_stem
 from ..resample import resample_to_grid
 from . import metrics
-from .cases import QUICK_CASE, Case, load_case, user_case
-from .dataset import write_case_dataset
+from .cases import QUICK_CASE, Case, brain_points, case_motion, load_case, user_case
+from .dataset import bids_stem, write_case_dataset
 from .runner import INR_METHODS, METHODS, REPO, app_command, run_child
-from .table import LESION_COLUMNS, MAIN_COLUMNS, format_value, markdown_table
+from .simulate import displacement_error_mm
+from .table import render
 
 
 @dataclass
@@ -57,7 +66,8 @@ class Settings:
     # INR methods run once per seed (the table gives medians); a deterministic method
     # (spline without registration) runs with the first only
     seeds: list[int] = field(default_factory=lambda: [0])
-    registration: bool = False
+    registration: bool = True
+    motions: list[str] = field(default_factory=lambda: ["none"])
     timeout_s: float | None = None
     thickness: int = 4
 
@@ -102,6 +112,39 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def setting_key(case: str, mode: str, view: str, motion: str = "none") -> str:
+    """Folder name of one simulated setting: ``<case>_<mode>_<view>[_moved]``."""
+    return f"{case}_{mode}_{view}" + ("" if motion == "none" else "_moved")
+
+
+def registration_error(case: Case, motion: str, sidecar: dict) -> dict:
+    """Mean and max displacement error (mm) of the app's registration over the brain.
+
+    The partner (every contrast but the first) was acquired after the head moved
+    by ``M = cases.case_motion`` (identity for ``"none"``), so the true
+    registration is ``inv(M)``; the error is measured at the moved brain's
+    points (``M @ cases.brain_points``). The estimate is the sidecar's
+    ``Registration.Inputs[<file>].Matrix`` (absent = identity). Empty without
+    registration.
+    """
+    reg = sidecar.get("SuperResolution", {}).get("Registration", {}) or {}
+    inputs = reg.get("Inputs")
+    if inputs is None:
+        return {}
+    moved = case_motion(case, motion)
+    truth = None if moved is None else np.linalg.inv(moved)
+    pts = brain_points(case)
+    if moved is not None:
+        pts = pts @ moved[:3, :3].T + moved[:3, 3]
+    worst: tuple[float, float] = (0.0, 0.0)
+    for c in case.contrasts[1:]:
+        name = bids_stem(case.label, case.bids[c]) + ".nii.gz"
+        matrix = (inputs.get(name) or {}).get("Matrix")
+        est = None if matrix is None else np.asarray(matrix, dtype=float)
+        worst = max(worst, displacement_error_mm(est, truth, pts))
+    return {"reg_mean_mm": worst[0], "reg_max_mm": worst[1]}
 
 
 def _sidecar(path: Path) -> dict:
@@ -152,7 +195,14 @@ def _run_name(method: str, seed: int, n_seeds: int) -> str:
 
 
 def _run_method(
-    s: Settings, case: Case, key: str, bids_dir: Path, method: str, seed: int, name: str
+    s: Settings,
+    case: Case,
+    key: str,
+    bids_dir: Path,
+    method: str,
+    seed: int,
+    name: str,
+    motion: str = "none",
 ) -> tuple[dict, dict[str, dict], dict[str, np.ndarray] | None]:
     """Run one method with one seed ``s.repeats`` times into ``derivatives/<key>/<name>``.
 
@@ -201,9 +251,13 @@ def _run_method(
         "peak_rss_mb": max(rss),
         "regridded": regridded,
         "command": " ".join(cmd[1:]),
+        **registration_error(case, motion, _sidecar(outputs[case.contrasts[0]])),
     }
     return record, facts, preds
 
+
+#: Registration error fields of a run record (``registration_error``).
+REG_KEYS = ("reg_mean_mm", "reg_max_mm")
 
 #: Metrics whose per-seed values are kept and whose median is the table's value.
 SEED_METRICS = (
@@ -215,6 +269,8 @@ SEED_METRICS = (
     "lesion_psnr",
     "lesion_psnr_tr",
     "lesion_contrast",
+    "reg_mean_mm",
+    "reg_max_mm",
 )
 
 
@@ -295,7 +351,7 @@ def _add_spline_gains(rows: list[dict]) -> None:
     """``gain_db`` (and lesion gains) relative to the spline row of the same setting."""
 
     def where(r: dict) -> tuple:
-        return (r["case"], r["mode"], r["view"], r["contrast"])
+        return _group(r)
 
     spline = {where(r): r for r in rows if r["method"] == "spline" and "psnr" in r}
     for r in rows:
@@ -303,6 +359,8 @@ def _add_spline_gains(rows: list[dict]) -> None:
         if ref is None or "psnr" not in r:
             continue
         r["gain_db"] = r["psnr"] - ref["psnr"]
+        if r.get("ssim") is not None and ref.get("ssim") is not None:
+            r["ssim_gain"] = r["ssim"] - ref["ssim"]
         if r.get("psnr_tr") is not None and ref.get("psnr_tr") is not None:
             r["gain_tr_db"] = r["psnr_tr"] - ref["psnr_tr"]
         if "lesion_psnr" in r:
@@ -323,7 +381,7 @@ def rescore(out: Path, data_dir: Path) -> dict:
     """Score a saved run's outputs again with the current metrics; nothing is re-fitted.
 
     Reads ``out/results.json``, loads each row's outputs from
-    ``out/derivatives/<case>_<mode>_<view>/<run>`` (every seed's, for seeded rows),
+    ``out/derivatives/<key>/<run>`` (every seed's, for seeded rows),
     recomputes every metric of ``score`` (medians over seeds as ``combine_seeds``
     does) and the gains, keeps timings and fit facts, and rewrites ``results.json``
     and ``results.md``. For a metric added or corrected after the run was made; the
@@ -332,7 +390,6 @@ def rescore(out: Path, data_dir: Path) -> dict:
     """
     results = json.loads((out / "results.json").read_text())
     st = results["settings"]
-    thickness = int(st.get("thickness", 4))
     scores: dict[tuple[str, str], dict] = {}
     case: Case | None = None
     wm = None
@@ -341,11 +398,11 @@ def rescore(out: Path, data_dir: Path) -> dict:
             continue
         if case is None or case.name != row["case"]:
             if row["case"] == "user":
-                case = user_case(st["hr"], st.get("hr_mask"), thickness)
+                case = user_case(st["hr"], st.get("hr_mask"))
             else:
-                case = load_case(row["case"], data_dir, thickness)
+                case = load_case(row["case"], data_dir)
             wm = _white_matter(case)
-        key = f"{case.name}_{row['mode']}_{row['view']}"
+        key = setting_key(case.name, row["mode"], row["view"], row.get("motion", "none"))
         seeds = row.get("seeds") or [st.get("seed", 0)]
         per_seed = []
         for seed in seeds:
@@ -373,10 +430,10 @@ def rescore(out: Path, data_dir: Path) -> dict:
 def _cases(s: Settings) -> list[Callable[[], Case]]:
     """Loaders (one case in memory at a time)."""
     loaders: list[Callable[[], Case]] = [
-        lambda name=name: load_case(name, s.data_dir, s.thickness) for name in s.cases
+        lambda name=name: load_case(name, s.data_dir) for name in s.cases
     ]
     if s.hr:
-        loaders.append(lambda: user_case(s.hr, s.hr_mask, s.thickness))
+        loaders.append(lambda: user_case(s.hr, s.hr_mask))
     return loaders
 
 
@@ -393,100 +450,43 @@ def run_benchmark(s: Settings) -> dict:
         case = load()
         results["notes"] += [n for n in case.notes if n not in results["notes"]]
         wm = _white_matter(case)
-        for mode in s.modes:
-            for view in s.views:
-                key = f"{case.name}_{mode}_{view}"
-                bids_dir = s.out / "bids" / key
-                write_case_dataset(case, bids_dir, mode, view, s.thickness)
-                for method in s.methods:
-                    base = {"case": case.name, "mode": mode, "view": view, "method": method}
-                    seeds = method_seeds(s, method)
-                    runs = []
-                    for seed in seeds:
-                        name = _run_name(method, seed, len(seeds))
-                        record, facts, preds = _run_method(
-                            s, case, key, bids_dir, method, seed, name
-                        )
-                        scores = score(case, preds, wm) if preds is not None else {}
-                        runs.append((seed, record, facts, scores))
-                    for c in case.scored:
-                        per_contrast = [
-                            (seed, record, facts.get(c, {}), scores.get(c, {}))
-                            for seed, record, facts, scores in runs
-                        ]
-                        row = {**base, "contrast": c, "seeds": seeds}
-                        results["rows"].append({**row, **combine_seeds(per_contrast)})
-                    # Saved after every method, so an interrupted run keeps its results.
-                    _add_spline_gains(results["rows"])
-                    save(results, s.out)
+        settings = [(m, v, mo) for mo in s.motions for m in s.modes for v in s.views]
+        for mode, view, motion in settings:
+            key = setting_key(case.name, mode, view, motion)
+            bids_dir = s.out / "bids" / key
+            write_case_dataset(case, bids_dir, mode, view, s.thickness, motion)
+            for method in s.methods:
+                base = {"case": case.name, "mode": mode, "view": view, "motion": motion}
+                seeds = method_seeds(s, method)
+                runs = []
+                for seed in seeds:
+                    name = _run_name(method, seed, len(seeds))
+                    record, facts, preds = _run_method(
+                        s, case, key, bids_dir, method, seed, name, motion
+                    )
+                    scores = score(case, preds, wm) if preds is not None else {}
+                    # Registration errors are per run; carried per seed like the scores.
+                    scores = {
+                        c: {**v, **{k: record[k] for k in REG_KEYS if k in record}}
+                        for c, v in scores.items()
+                    }
+                    runs.append((seed, record, facts, scores))
+                for c in case.scored:
+                    per_contrast = [
+                        (seed, record, facts.get(c, {}), scores.get(c, {}))
+                        for seed, record, facts, scores in runs
+                    ]
+                    row = {**base, "method": method, "contrast": c, "seeds": seeds}
+                    results["rows"].append({**row, **combine_seeds(per_contrast)})
+                # Saved after every method, so an interrupted run keeps its results.
+                _add_spline_gains(results["rows"])
+                save(results, s.out)
     return results
 
 
-def _header(results: dict) -> list[str]:
-    """Date, commit, machine and settings of one saved run (markdown bullets)."""
-    m, st = results["machine"], results["settings"]
-    gpu = m["gpu"] or "none"
-    return [
-        f"- date: {m['date_utc']}; commit `{m['commit']}`"
-        + (" (+ local changes)" if m["dirty"] else ""),
-        f"- machine: {m['cpu']}, {m['cores']} cores, GPU: {gpu}; Python {m['python']}, torch {m['torch']}",
-        f"- settings: cases {st['cases']}, methods {st['methods']}, modes {st['modes']}, partner "
-        f"views {st['views']}, slice thickness {st['thickness']} mm, repeats {st['repeats']} "
-        f"(wall s = median), seeds {_seeds_text(st)}, "
-        f"epochs {st['epochs'] or 'preset default'}, paper preset epochs "
-        f"{st['paper_epochs']}, registration "
-        f"{'on' if st['registration'] else 'off (--no-registration)'}",
-    ]
-
-
-def _seeds_text(settings: dict) -> str:
-    seeds = settings.get("seeds", [settings.get("seed", 0)])  # runs before --seed took several
-    return str(seeds[0]) if len(seeds) == 1 else f"{seeds} (metrics = median over seeds)"
-
-
-def seed_table(rows: Sequence[dict]) -> str:
-    """Markdown: each seed's PSNR / truth-range PSNR / SSIM for rows run with several seeds."""
-    lines = [
-        "| case | mode | partner view | contrast | method | seed | PSNR dB | PSNR truth-range dB "
-        "| SSIM |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        for run in r.get("seed_runs", []):
-            cells = [r["case"], r["mode"], r["view"], r["contrast"], r["method"], str(run["seed"])]
-            cells += [
-                format_value(run.get(k), d) for k, d in (("psnr", 2), ("psnr_tr", 2), ("ssim", 4))
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def render(results: dict) -> str:
-    """Markdown: header (machine, commit, settings), main table, lesion table, notes.
-
-    A merged result (``merge``) lists the header of every run it combines.
-    """
-    sources = results.get("sources") or [results]
-    lines = [
-        *[line for src in sources for line in _header(src)],
-        "",
-        markdown_table(results["rows"], MAIN_COLUMNS),
-    ]
-    lesion_rows = [r for r in results["rows"] if "lesion_psnr" in r]
-    if lesion_rows:
-        lines += ["", markdown_table(lesion_rows, LESION_COLUMNS)]
-    seeded = [r for r in results["rows"] if r.get("seed_runs")]
-    if seeded:
-        lines += ["", "Per seed (the rows above give the medians):", "", seed_table(seeded)]
-    failed = [r for r in results["rows"] if "error" in r]
-    if failed:
-        lines += ["", "Failed runs:"]
-        lines += [
-            f"- {r['case']} {r['mode']} {r['view']} {r['method']}: {r['error']}" for r in failed
-        ]
-    if results["notes"]:
-        lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
-    return "\n".join(lines) + "\n"
+def _group(r: dict) -> tuple:
+    """The setting and contrast a row scores (rows of one group differ by method)."""
+    return (r["case"], r["mode"], r["view"], r.get("motion", "none"), r.get("contrast"))
 
 
 def merge(runs: Sequence[dict]) -> dict:
@@ -504,11 +504,11 @@ def merge(runs: Sequence[dict]) -> dict:
     rows = [dict(r) for run in runs for r in run["rows"]]
     first: dict[tuple, int] = {}
     for r in rows:
-        first.setdefault((r["case"], r["mode"], r["view"], r.get("contrast")), len(first))
+        first.setdefault(_group(r), len(first))
     order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(
         key=lambda r: (
-            first[(r["case"], r["mode"], r["view"], r.get("contrast"))],
+            first[_group(r)],
             order.get(r["method"], len(order)),
         )
     )
@@ -544,16 +544,17 @@ def quick_settings(
 
 
 def quick_failures(rows: Sequence[dict]) -> list[str]:
-    """Why the quick check fails (empty when split-head beats spline on every contrast)."""
+    """Why the quick check fails (empty when split-head beats spline on every contrast,
+    by truth-range PSNR)."""
     problems = [f"{r['method']} on {r['contrast']}: {r['error']}" for r in rows if "error" in r]
-    by = {(r["contrast"], r["method"]): r for r in rows if r.get("psnr") is not None}
+    by = {(r["contrast"], r["method"]): r for r in rows if r.get("psnr_tr") is not None}
     for contrast in sorted({r["contrast"] for r in rows}):
         inr, spline = by.get((contrast, "split-head")), by.get((contrast, "spline"))
         if inr is None or spline is None:
             problems.append(f"{contrast}: missing a split-head or spline result")
-        elif not inr["psnr"] > spline["psnr"]:
+        elif not inr["psnr_tr"] > spline["psnr_tr"]:
             problems.append(
-                f"{contrast}: split-head PSNR {inr['psnr']:.2f} dB does not beat "
-                f"spline {spline['psnr']:.2f} dB"
+                f"{contrast}: split-head truth-range PSNR {inr['psnr_tr']:.2f} dB does not "
+                f"beat spline {spline['psnr_tr']:.2f} dB"
             )
     return problems

@@ -14,6 +14,7 @@ as in the paper's orthogonal-plane setup.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,50 @@ class Case:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]
+
+
+#: Motion of the partner contrast's head in the ``rigid`` cases: at most this many
+#: degrees and mm (the issue's bounds for scans of one session).
+MOTION_MAX_DEG, MOTION_MAX_MM = 5.0, 10.0
+MOTIONS = ("none", "rigid")
+
+
+def _rng(*keys: str) -> np.random.Generator:
+    """A generator seeded by names, so a case's simulation never changes between runs."""
+    return np.random.default_rng(zlib.crc32("/".join(keys).encode()))
+
+
+def slice_shift_mm(case: Case, contrast: str, thickness: int) -> float:
+    """Where the scanner puts ``contrast``'s slice grid: its centre's offset (mm) from the
+    HR grid's centre along the slice axis, uniform in ``[-thickness/2, thickness/2)``,
+    fixed per case and contrast (0.01 mm steps)."""
+    return round(float(_rng(case.name, contrast).uniform(-thickness / 2, thickness / 2)), 2)
+
+
+def case_motion(case: Case, motion: str) -> np.ndarray | None:
+    """The rigid head motion (4x4 world transform) of the partner contrasts, or None.
+
+    ``"rigid"``: a rotation of 2-5 degrees about a random axis through the brain's
+    centroid and a translation of 4-10 mm in a random direction, fixed per case.
+    """
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+    if motion == "none":
+        return None
+    from .simulate import rigid_motion_axis_angle
+
+    rng = _rng(case.name, "motion")
+    axis, direction = rng.normal(size=3), rng.normal(size=3)
+    angle = rng.uniform(2.0, MOTION_MAX_DEG)
+    shift = direction / np.linalg.norm(direction) * rng.uniform(4.0, MOTION_MAX_MM)
+    centre = brain_points(case).mean(axis=0)
+    return rigid_motion_axis_angle(axis, angle, shift, centre)
+
+
+def brain_points(case: Case, step: int = 3) -> np.ndarray:
+    """World (RAS mm) centres ``(N, 3)`` of every ``step``-th mask voxel per axis."""
+    idx = np.argwhere(case.mask[::step, ::step, ::step]) * step
+    return idx @ case.affine[:3, :3].T + case.affine[:3, 3]
 
 
 def voxel_axis_of(affine: np.ndarray, world_axis: int) -> int:
@@ -131,25 +176,6 @@ def _reshape_case(
     )
 
 
-def _trim_to_multiple(case: Case, m: int) -> Case:
-    """Drop trailing voxels so every axis is a multiple of ``m``.
-
-    Then the union of the simulated inputs' fields of view is exactly the HR
-    grid, so the app's output grid coincides with the ground truth voxel for voxel.
-    """
-    cut = tuple(slice(0, n - n % m) for n in case.shape)
-    return Case(
-        case.name,
-        {k: v[cut] for k, v in case.volumes.items()},
-        case.affine,
-        case.scored,
-        case.mask[cut],
-        case.bids,
-        None if case.lesions is None else case.lesions[cut],
-        case.notes,
-    )
-
-
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -167,7 +193,7 @@ def _same_grid(ref_path: Path, ref: tuple, other_path: Path, other: tuple) -> No
         )
 
 
-def load_case(name: str, data_dir: Path | str, thickness: int = 4) -> Case:
+def load_case(name: str, data_dir: Path | str) -> Case:
     """Load a shipped case (see :data:`CASE_NAMES`, plus ``icbm-quick``) from ``data_dir``."""
     data_dir = Path(data_dir)
     if name in ("icbm2009c", "papersize", QUICK_CASE):
@@ -224,13 +250,13 @@ def load_case(name: str, data_dir: Path | str, thickness: int = 4) -> Case:
     else:
         raise ValueError(f"unknown case {name!r}; choose from {(*CASE_NAMES, QUICK_CASE)}")
     case.name = name
-    return _trim_to_multiple(case, thickness)
+    return case
 
 
 _SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.nii(\.gz)?$")
 
 
-def user_case(specs: Sequence[str], mask_path: str | None = None, thickness: int = 4) -> Case:
+def user_case(specs: Sequence[str], mask_path: str | None = None) -> Case:
     """A case from user HR volumes ``LABEL=PATH`` or ``PATH`` (label: BIDS suffix or stem).
 
     All volumes must share one grid; every one is scored. The first is acquired
@@ -262,7 +288,6 @@ def user_case(specs: Sequence[str], mask_path: str | None = None, thickness: int
         mask = mdata[0] > 0.5
     else:
         mask = np.any([v != 0 for v in volumes.values()], axis=0)
-    case = Case(
+    return Case(
         "user", volumes, affine, tuple(volumes), mask, bids, notes=[f"user HR: {list(specs)}"]
     )
-    return _trim_to_multiple(case, thickness)

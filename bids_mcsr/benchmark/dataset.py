@@ -8,7 +8,9 @@ Layout (one subject, no sessions)::
     root/sub-<label>/anat/sub-<label>[_ce-<ce>]_<suffix>.nii.gz  (+ .json sidecar)
 
 Each sidecar has ``SliceThickness`` (mm) and a ``Simulation`` object saying how the
-volume was made (mode, source, down-sampling factors per voxel axis, plane).
+volume was made (mode, source, down-sampling factors per voxel axis, plane, the
+slice grid's shift from the HR grid's centre, and the head motion, if any, as the
+4x4 world matrix ``Motion``: the registration that undoes it is its inverse).
 ``SliceThickness`` is what the simulated scanner integrated across a slice: the
 coarse slice spacing in ``profile`` mode (box average over the slice), and the HR
 voxel size in ``paper`` mode (cubic point samples at slice centres are physically
@@ -24,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from ..geometry import voxel_sizes
-from .cases import Case, view_factors
+from .cases import Case, case_motion, slice_shift_mm, view_factors
 from .simulate import simulate_acquisition
 
 #: BIDS entity order for the filenames we write (subset of the spec's order).
@@ -52,12 +54,15 @@ def slice_thickness_mm(lr_affine: np.ndarray, factors: tuple[int, int, int], mod
 
 
 def write_case_dataset(
-    case: Case, root: Path | str, mode: str, view: str, thickness: int = 4
+    case: Case, root: Path | str, mode: str, view: str, thickness: int = 4, motion: str = "none"
 ) -> dict[str, Path]:
     """Simulate every contrast of ``case`` and write it under ``root`` as BIDS.
 
-    Returns the written NIfTI path per contrast. Existing files are overwritten,
-    so a re-run always reflects the current simulation code.
+    Slice grids are placed as a scanner does (``cases.slice_shift_mm``); with
+    ``motion="rigid"`` every contrast but the first (the app's reference) is
+    acquired after the head moved (``cases.case_motion``). Returns the written
+    NIfTI path per contrast. Existing files are overwritten, so a re-run always
+    reflects the current simulation code.
     """
     root = Path(root)
     anat = root / f"sub-{case.label}" / "anat"
@@ -76,8 +81,13 @@ def write_case_dataset(
     )
     (root / "participants.tsv").write_text(f"participant_id\nsub-{case.label}\n")
     paths = {}
-    for name, factors in view_factors(case, view, thickness).items():
-        lr, affine = simulate_acquisition(case.volumes[name], case.affine, factors, mode)
+    moved = case_motion(case, motion)
+    for i, (name, factors) in enumerate(view_factors(case, view, thickness).items()):
+        shift = slice_shift_mm(case, name, thickness)
+        head = None if i == 0 else moved
+        lr, affine = simulate_acquisition(
+            case.volumes[name], case.affine, factors, mode, shift_mm=shift, motion=head
+        )
         stem = bids_stem(case.label, case.bids[name])
         img = nib.Nifti1Image(lr, affine)
         img.set_qform(affine, code=1)
@@ -92,6 +102,8 @@ def write_case_dataset(
                 "Source": f"{case.name}/{name}",
                 "Factors": list(factors),
                 "Plane": _plane(factors, affine),
+                "ShiftMm": shift,
+                "Motion": None if head is None else head.tolist(),
                 "Scored": name in case.scored,
             },
         }

@@ -77,13 +77,14 @@ def psnr_truth_range(
 
 
 def ssim(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, win_size: int = 7) -> float:
-    """Mean 3-D SSIM inside ``mask`` after min-max normalisation (data range 1).
+    """Mean 3-D SSIM inside ``mask``, both images scaled by the truth's in-mask range.
 
-    The SSIM map is computed on the mask's bounding box with outside voxels
-    zeroed, then averaged over the mask voxels.
+    The scaling of ``psnr_truth_range`` (data range 1): the prediction's own
+    extremes do not rescale it. The SSIM map is computed on the mask's bounding
+    box with outside voxels zeroed, then averaged over the mask voxels.
     """
     mask = np.asarray(mask, dtype=bool)
-    p = np.where(mask, minmax_in_mask(pred, mask), 0.0)
+    p = np.where(mask, minmax_in_mask(pred, mask, ref=truth), 0.0)
     t = np.where(mask, minmax_in_mask(truth, mask), 0.0)
     idx = np.nonzero(mask)
     box = tuple(slice(max(int(i.min()) - win_size, 0), int(i.max()) + win_size + 1) for i in idx)
