@@ -4,6 +4,9 @@ Examples::
 
     python -m bids_mcsr.benchmark --quick                 # CI-sized check (< 3 min)
     python -m bids_mcsr.benchmark                         # full table (hours on CPU)
+    python -m bids_mcsr.benchmark --methods spline split-head --modes profile \
+        --views sagittal coronal --motions none rigid --seed 0 1 2   # the headline table
+    python -m bids_mcsr.benchmark --no-registration ...   # engine-only diagnostic
     python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --repeats 3
     python -m bids_mcsr.benchmark --cases icbm2009c --methods spline split-head --seed 0 1 2
     python -m bids_mcsr.benchmark --cases --hr T1w=t1.nii.gz T2w=t2.nii.gz
