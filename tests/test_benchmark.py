@@ -614,7 +614,8 @@ def test_quick_benchmark_split_head_beats_spline(tmp_path):
     assert {(r["contrast"], r["method"]) for r in rows} == {
         (c, m) for c in ("T1w", "T2w") for m in ("spline", "split-head")
     }
-    assert all(r["gain_db"] > 0 for r in rows if r["method"] == "split-head")
+    # truth-range PSNR: the min-max figure swings with single extreme voxels
+    assert all(r["gain_tr_db"] > 0 for r in rows if r["method"] == "split-head")
 
 
 def test_cli_usage_errors(tmp_path, capsys):

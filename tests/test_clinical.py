@@ -4,7 +4,7 @@ Real 2-D clinical T1w (0.72x0.72x3 mm) and T2w (0.51x0.51x4 mm) on their own
 scanner grids, with skull, not co-registered. To keep the test within a minute
 or two on 2 cores, both are block-averaged in-plane (4x4 and 5x5 voxels, about
 2.7 mm, which is what a coarser in-plane acquisition would integrate), and the
-fit runs at 3 mm for one epoch. To model patient motion between the two
+fit runs at 3 mm for two epochs. To model patient motion between the two
 sequences, the T2w header is moved by a known rigid transform (3 degrees, 3 mm):
 registration must then explain the data better than the headers do, which the
 ground-truth-free consistency QC (re-acquired output vs input) and the MI between
@@ -84,10 +84,9 @@ def _run(bids: Path, out: Path, *extra: str) -> dict[str, dict]:
         "--resolution",
         "3",
         "--epochs",
-        "1",
-        # one full pass over every LR voxel (the measurements below); with the fast
-        # preset's quarter of the far background, one epoch is 0.6 of that and the final
-        # MI no longer separates the runs (1.01 without registration, 0.96 with it)
+        "2",
+        # every epoch a full pass over every LR voxel (the measurements below); the fast
+        # preset's quarter of the far background makes the runs noisier
         "--override",
         "far_background_fraction=1.0",
         "--quiet",
@@ -119,9 +118,11 @@ def test_registration_improves_consistency_on_clinical_scans(clinical_bids, tmp_
     }
     mi = [run["T1w"]["SuperResolution"]["MICurve"]["T1w|T2w"][-1] for run in (registered, trusted)]
     print("consistency PSNR (registered, headers):", psnr, "final MI:", mi)
-    # Measured (seeded, 2 threads): T1w 22.5 vs 20.1 dB, T2w 20.2 vs 18.9 dB, MI 1.03 vs 0.48.
-    # After 3 epochs the split-head fits each contrast on its own and the consistency gap
-    # closes (24.5 vs 24.6 / 23.3 vs 23.2 dB) while MI still separates the runs.
+    # Measured (seeded, 2 threads): consistency T1w 24.9 vs 24.2 dB, T2w 22.5 vs 22.0 dB,
+    # final MI 0.92 vs 0.38. A single epoch is too short a schedule for the MI: there it
+    # moves by 0.2 when only the output grid's sub-voxel placement changes. After more
+    # epochs the split-head fits each contrast on its own and the consistency gap closes
+    # (3 epochs: 25.6 vs 25.4 / 23.2 vs 22.9 dB) while the MI still separates the runs.
     for reg_db, hdr_db in psnr.values():
-        assert reg_db > hdr_db + 0.5, psnr
-    assert mi[0] > mi[1] + 0.2, mi
+        assert reg_db > hdr_db + 0.25, psnr
+    assert mi[0] > mi[1] + 0.3, mi
