@@ -8,6 +8,7 @@ one ``mcsr: error: ...`` line on stderr.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -292,6 +293,14 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--output-space {args.output_space}: not available in this version (supported: "
             f"{', '.join(SUPPORTED_SPACES)}); fix: use --output-space native"
+        )
+    # SimpleITK is imported only where registration runs, so a host without it (a
+    # GPU check, a slim install) runs with --no-registration; say so at start.
+    needs_sitk = not args.no_registration or args.output_space != "native"
+    if needs_sitk and importlib.util.find_spec("SimpleITK") is None:
+        raise UsageError(
+            "registration needs SimpleITK, which is not installed; fix: pip install "
+            "SimpleITK, or pass --no-registration (native output space only)"
         )
     if args.device == "cuda":
         import torch

@@ -357,6 +357,7 @@ def super_resolution_fields(
     resolution: float,
     registration: dict | None = None,
     peak_gpu_mb: float | None = None,
+    peak_gpu_allocated_mb: float | None = None,
 ) -> dict:
     """The fit-specific keys of the sidecar's ``SuperResolution`` object (README "Outputs")."""
 
@@ -379,6 +380,9 @@ def super_resolution_fields(
         "WallTimeS": round(float(wall_time_s), 3),
         "SamplesPerS": None if samples_per_s is None else round(float(samples_per_s), 1),
         "PeakGPUMemoryMB": None if peak_gpu_mb is None else round(float(peak_gpu_mb), 1),
+        "PeakGPUAllocatedMB": (
+            None if peak_gpu_allocated_mb is None else round(float(peak_gpu_allocated_mb), 1)
+        ),
         "Registration": registration or {},
     }
 

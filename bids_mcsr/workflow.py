@@ -116,6 +116,11 @@ def register_inputs(
     ``HEADER_TRUST_GAIN``, is not applied (the headers are kept: ``None``). Returns the transforms and the sidecar's
     ``Registration`` object.
     """
+    transforms: list[np.ndarray | None] = [None] * len(images)
+    record: dict = {"Method": "none" if not opts.registration else "rigid-mattes-mi"}
+    if not opts.registration:
+        return transforms, record
+    # SimpleITK is imported only here: the app runs without it when registration is off.
     from .registration import (
         HEADER_TRUST_GAIN,
         HEADER_TRUST_MM,
@@ -123,10 +128,6 @@ def register_inputs(
         transform_summary,
     )
 
-    transforms: list[np.ndarray | None] = [None] * len(images)
-    record: dict = {"Method": "none" if not opts.registration else "rigid-mattes-mi"}
-    if not opts.registration:
-        return transforms, record
     ref = images[0]
     record["Reference"] = ref.path.name
     record["HeaderTrust"] = {
@@ -201,6 +202,8 @@ def write_transforms(
     ``sub-<L>[_ses-<S>]_from-<input>_to-<reference>_mode-image_xfm.txt`` in the anat folder
     (``registration.save_transform`` documents the convention); the sidecar's
     ``Registration.Inputs[<file>].TransformFile`` names it."""
+    if not registration.get("Inputs"):
+        return []  # --no-registration: nothing estimated, and SimpleITK may be absent
     from .registration import save_transform
 
     def label(c: Candidate) -> str:  # BIDS labels are alphanumeric
@@ -397,6 +400,7 @@ def fit_inr(
         samples_per_s=res.samples_per_s,
         resolution=resolution,
         peak_gpu_mb=res.peak_gpu_mb,
+        peak_gpu_allocated_mb=res.peak_gpu_allocated_mb,
     )
     return Fit(volumes=dict(res.volumes), sr_fields=fields)
 

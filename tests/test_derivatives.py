@@ -157,7 +157,7 @@ def test_sidecar_content(tmp_path):
     assert sr["MICurve"]["T1w|T2w"] == [0.1, 0.2, 0.3, 0.29]
     assert sr["LossCurve"]["T2w"][-1] == 0.3
     assert sr["WallTimeS"] == 12.346
-    assert sr["PeakGPUMemoryMB"] is None  # a CPU fit
+    assert sr["PeakGPUMemoryMB"] is None and sr["PeakGPUAllocatedMB"] is None  # a CPU fit
     assert sr["SoftwareVersion"] == f"mcsr {__version__}"
     assert sr["OutputShape"] == [24, 28, 24]
     # the spline baseline uses only the contrast's own input
@@ -167,8 +167,11 @@ def test_sidecar_content(tmp_path):
 
 
 def test_peak_gpu_memory_is_recorded_in_mb():
-    fields = _sr_fields(device="cuda:0 (NVIDIA H100)", peak_gpu_mb=812.3456)
+    fields = _sr_fields(
+        device="cuda:0 (NVIDIA H100)", peak_gpu_mb=812.3456, peak_gpu_allocated_mb=640.06
+    )
     assert fields["PeakGPUMemoryMB"] == 812.3 and fields["Device"].startswith("cuda:0")
+    assert fields["PeakGPUAllocatedMB"] == 640.1
 
 
 def test_written_derivatives_are_validator_clean(tmp_path):

@@ -124,8 +124,10 @@ class FitResult:
     samples_per_s: float
     device: str
     seed: int
-    # peak GPU memory of the fit (MB, PyTorch's reserved pool); None on the CPU
+    # peak GPU memory of the fit (MB): PyTorch's reserved pool, and the part of it
+    # tensors held (torch.cuda.max_memory_allocated); None on the CPU
     peak_gpu_mb: float | None = None
+    peak_gpu_allocated_mb: float | None = None
 
 
 @dataclass
@@ -225,7 +227,7 @@ def fit_contrasts(
     elif dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    with _torch_settings(nthreads, deterministic=dev.type == "cpu"):
+    with _torch_settings(nthreads, deterministic=dev.type == "cpu", tf32=cfg.precision == "tf32"):
         scales = [_intensity_scale(c, cfg.percentiles) for c in contrasts]
         foreground, in_fov = _output_coverage(out_shape, out_affine, contrasts, affines, out_mask)
         mi_index = _mi_subsample(foreground, cfg.mi_samples, seed)
@@ -286,7 +288,7 @@ def fit_contrasts(
             loss_curve = {n: curve for n, curve in zip(names, run.loss_curve, strict=True)}
 
         pred = _predict_grid(
-            fields, region, out_shape, out_affine, normaliser, cfg.infer_chunk, dev
+            fields, region, out_shape, out_affine, normaliser, cfg.infer_chunk, dev, cfg.precision
         )
         volumes = {}
         floors = [output_floor(c) for c in contrasts]
@@ -356,6 +358,7 @@ def fit_contrasts(
         device=_device_label(dev),
         seed=seed,
         peak_gpu_mb=_peak_gpu_mb(dev),
+        peak_gpu_allocated_mb=_peak_gpu_mb(dev, reserved=False),
     )
 
 
@@ -769,16 +772,18 @@ def _device_label(dev: torch.device) -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 
 
-def _peak_gpu_mb(dev: torch.device) -> float | None:
+def _peak_gpu_mb(dev: torch.device, reserved: bool = True) -> float | None:
     """Most GPU memory the fit held (MB), or None on the CPU.
 
-    PyTorch's reserved pool (tensors plus the allocator's cached blocks), the part
-    of the process's GPU use that grows with the data; the CUDA context (a few
-    hundred MB, fixed) comes on top in ``nvidia-smi``.
+    ``reserved``: PyTorch's reserved pool (tensors plus the allocator's cached
+    blocks), the part of the process's GPU use that grows with the data; the CUDA
+    context (a few hundred MB, fixed) comes on top in ``nvidia-smi``. Otherwise the
+    tensors alone (``max_memory_allocated``), what the engine itself needs.
     """
     if dev.type != "cuda":
         return None
-    return torch.cuda.max_memory_reserved(dev) / 2**20
+    peak = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+    return peak(dev) / 2**20
 
 
 @functools.cache
@@ -805,20 +810,36 @@ def keep_large_allocations() -> bool:
 
 
 @contextlib.contextmanager
-def _torch_settings(nthreads: int | None, deterministic: bool) -> Iterator[None]:
-    """Thread count and deterministic kernels for the fit; previous values restored."""
+def _torch_settings(
+    nthreads: int | None, deterministic: bool, tf32: bool = False
+) -> Iterator[None]:
+    """Thread count, deterministic kernels and CUDA TF32 matrix products for the fit;
+    previous values restored."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         if nthreads is not None:
             torch.set_num_threads(max(1, int(nthreads)))
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=warn)
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _autocast(precision: str, dev: torch.device):
+    """``torch.autocast`` to bfloat16 on ``dev`` when ``precision`` is "bfloat16", else a no-op.
+
+    Wraps forward passes only: the backward pass runs in the forward's dtypes, and
+    parameters, gradients and Adam's state stay float32 (no loss scaling needed).
+    """
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def _build_fields(
@@ -984,12 +1005,14 @@ def _train(
             idx = order[s : s + batch]
             w = ts.which[idx]
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
-            pred = fld(pts, w.repeat_interleave(k)).view(-1, k).mean(dim=1)
-            err = (pred - ts.targets[idx]) ** 2
-            n_c = torch.bincount(w, minlength=n_out)
-            loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
-            if cfg.smoothness > 0:
-                loss = loss + cfg.smoothness * _smoothness(fld, ts.centres[idx], step_norm, gen)
+            with _autocast(cfg.precision, pts.device):
+                pred = fld(pts, w.repeat_interleave(k)).view(-1, k).float().mean(dim=1)
+                err = (pred - ts.targets[idx]) ** 2
+                n_c = torch.bincount(w, minlength=n_out)
+                loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
+                if cfg.smoothness > 0:
+                    smooth = _smoothness(fld, ts.centres[idx], step_norm, gen)
+                    loss = loss + cfg.smoothness * smooth
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1004,7 +1027,7 @@ def _train(
         for c in range(n_out):
             out.loss_curve[c].append(float(err_sum[c] / count[c]) if count[c] else float("nan"))
 
-        values = _predict([fld], mi_points, cfg.infer_chunk)
+        values = _predict([fld], mi_points, cfg.infer_chunk, cfg.precision)
         out.history.append(values)
         if n_out >= 2:
             for key, value in mi_mod.pairwise_mi(values, names, cfg.mi_bins).items():
@@ -1167,19 +1190,25 @@ def _report(bar, level, label, epoch, total, out: _Trained, status) -> None:
 
 
 @torch.no_grad()
-def _predict(fields: Sequence[nn.Module], points: torch.Tensor, chunk: int) -> np.ndarray:
+def _predict(
+    fields: Sequence[nn.Module], points: torch.Tensor, chunk: int, precision: str = "float32"
+) -> np.ndarray:
     """All outputs of ``fields`` (concatenated) at ``points`` ``(n, 3)``: float32 ``(n, N)``."""
     parts = []
     for fld in fields:
         fld.eval()
-        parts.append(torch.cat([fld(points[s : s + chunk]) for s in range(0, len(points), chunk)]))
-    return torch.cat(parts, dim=1).float().cpu().numpy()
+        with _autocast(precision, points.device):
+            chunks = [fld(points[s : s + chunk]).float() for s in range(0, len(points), chunk)]
+        parts.append(torch.cat(chunks))
+    return torch.cat(parts, dim=1).cpu().numpy()
 
 
-def _predict_grid(fields, region, out_shape, out_affine, normaliser, chunk, dev) -> np.ndarray:
+def _predict_grid(
+    fields, region, out_shape, out_affine, normaliser, chunk, dev, precision: str = "float32"
+) -> np.ndarray:
     """Predictions ``(len(region), N)`` at the flat output indices ``region``, chunk by chunk."""
     pred = np.empty((len(region), sum(f.n_outputs for f in fields)), dtype=np.float32)
     for s in range(0, len(region), chunk):
         pts = _grid_points(region[s : s + chunk], out_shape, out_affine, normaliser, dev)
-        pred[s : s + chunk] = _predict(fields, pts, chunk)
+        pred[s : s + chunk] = _predict(fields, pts, chunk, precision)
     return pred

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 SCHEDULES = ("cosine", "cosine-step", "constant")
 INFERENCE_REGIONS = ("fov", "foreground")
+PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,12 @@ class Preset:
     # cannot be negative, and tools such as N4 reject negative voxels. Signed inputs with
     # no constant background (phase maps, z-scored whole heads) are not clipped.
     clip_to_floor: bool = False
+    # --- arithmetic of the field's forward passes (fit._autocast) ---
+    # "float32"; "tf32": float32 tensors, TF32 matrix products on CUDA (no effect on
+    # the CPU); "bfloat16": torch.autocast of every forward pass (training, MI,
+    # inference), the loss, gradients' accumulation and Adam in float32. Opt-in until
+    # measured against float32 on a GPU (benchmarks/gpu/README.md).
+    precision: str = "float32"
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy (tuples become lists)."""
@@ -367,6 +374,7 @@ def validate(p: Preset) -> None:
         ),
         (0 < p.rel_tol < 1, "rel_tol must be in (0, 1)"),
         (p.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+        (p.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         (
             p.inference_region in INFERENCE_REGIONS,
             f"inference_region must be one of {INFERENCE_REGIONS}",
