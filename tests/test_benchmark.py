@@ -37,6 +37,7 @@ from bids_mcsr.benchmark.cases import (
 )
 from bids_mcsr.benchmark.dataset import write_case_dataset
 from bids_mcsr.benchmark.runner import app_command, run_child
+from bids_mcsr.benchmark.seeds import gate_rows
 from bids_mcsr.benchmark.simulate import (
     displacement_error_mm,
     rigid_motion_axis_angle,
@@ -550,6 +551,59 @@ def test_combine_seeds_takes_medians_and_keeps_each_seed():
     assert combine_seeds([*runs, bad]) == {"error": "exit 1; see x.log", "log_tail": []}
 
 
+def _seed_results(seed: int, inr: tuple[float, ...], motion_reg: float) -> dict:
+    """One ``--seed S`` run: spline and split-head on an aligned and a moved setting."""
+    base = {"case": "c", "mode": "profile", "view": "sagittal", "contrast": "T1w", "seeds": [seed]}
+    rows = []
+    for motion, spline_tr, inr_tr, reg in (
+        ("none", 30.0, inr[0], 0.0),
+        ("rigid", 29.0, inr[1], motion_reg),
+    ):
+        for method, tr, ssim in (
+            ("spline", spline_tr, 0.90),
+            ("split-head", inr_tr, 0.93 + seed / 100),
+        ):
+            record = {"wall_s": 100.0 + seed, "wall_s_runs": [100.0 + seed], "fit_s": 90.0}
+            record |= {"peak_rss_mb": 1500.0 + seed, "regridded": True, "device": "cpu"}
+            scores = {"psnr": tr - 1, "psnr_tr": tr, "ssim": ssim, "eps_mi": 0.01 + seed / 100}
+            scores |= {"reg_mean_mm": reg, "reg_max_mm": 2 * reg}
+            rows.append({**base, "motion": motion, "method": method, **record, **scores})
+    return {**_results(rows), "notes": []}
+
+
+def test_merge_folds_runs_of_other_seeds_into_medians_and_gates():
+    runs = [_seed_results(0, (33.0, 31.0), 0.2), _seed_results(1, (34.0, 32.5), 0.35)]
+    runs.append(_seed_results(2, (33.5, 30.5), 0.25))
+    merged = merge(runs)
+    assert [(r["motion"], r["method"]) for r in merged["rows"]] == [
+        ("none", "spline"), ("none", "split-head"), ("rigid", "spline"), ("rigid", "split-head")
+    ]  # fmt: skip
+    aligned, moved = merged["rows"][1], merged["rows"][3]
+    assert aligned["seeds"] == [0, 1, 2] and aligned["psnr_tr"] == 33.5
+    assert aligned["gain_tr_db"] == pytest.approx(3.5) and aligned["wall_s"] == 101.0
+    assert aligned["peak_rss_mb"] == 1502.0
+    # each seed's gain is against the spline of the same seed
+    assert [run["gain_tr_db"] for run in moved["seed_runs"]] == [2.0, 3.5, 1.5]
+    assert moved["reg_mean_mm"] == 0.25
+    (gate,) = gate_rows(merged["rows"])
+    assert gate["settings"] == 2 and gate["gain_tr_median_min"] == pytest.approx(2.0)
+    assert gate["gain_tr_seed_min"] == pytest.approx(1.5)
+    assert gate["ssim_gain_seed_min"] == pytest.approx(0.03)
+    assert gate["eps_mi_max"] == pytest.approx(0.03)
+    assert (gate["reg_aligned_max_mm"], gate["reg_moved_max_mm"]) == (0.0, 0.35)
+    md = render(merged)
+    assert "Worst setting per contrast" in md
+    assert (
+        "| c | profile | T1w | split-head | 2 | 2.00 | 1.50 | 0.0300 | 0.030 | 0.000 | 0.350 |"
+        in md
+    )
+    # one seed given twice keeps its first scores; a single run is left as it is
+    again = merge([runs[0], runs[0]])
+    assert again["rows"][1]["seeds"] == [0] and again["rows"][1]["psnr_tr"] == 33.0
+    assert "seed_runs" not in again["rows"][1]
+    assert merge(runs[:1])["rows"][1]["psnr_tr"] == 33.0
+
+
 def test_combine_seeds_keeps_the_largest_gpu_peak():
     runs = [_seed_run(s, 26.0, 20.0, 3000.0, 6) for s in range(3)]
     for (_, _, facts, _), mb in zip(runs, (900.0, 1250.5, 1100.0), strict=True):
@@ -584,7 +638,9 @@ def test_method_seeds_and_the_per_seed_table(tmp_path):
     md = render(results)
     assert "seeds [0, 1, 2] (metrics = median over seeds)" in md
     assert "Per seed (the rows above give the medians):" in md
-    assert "| c | paper | sagittal | none | T1w | split-head | 1 | 29.25 | 0.9100 | 27.25 |" in md
+    assert (
+        "| c | paper | sagittal | none | T1w | split-head | 1 | 29.25 | - | 0.9100 | 27.25 |" in md
+    )
     median_row = next(
         ln
         for ln in md.splitlines()

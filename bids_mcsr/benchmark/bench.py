@@ -18,7 +18,8 @@ diagnostic.
 
 With several seeds, every INR method runs once per seed into ``<method>_seed-<S>``
 (and ``..._<method>_seed-<S>_<repeat>.log``); its table row holds the median of each
-metric over the seeds, and ``seed_runs`` keeps every seed's own scores.
+metric over the seeds, and ``seed_runs`` keeps every seed's own scores
+(``seeds.py``; ``merge`` folds runs of one seed each into the same rows).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from . import metrics
 from .cases import QUICK_CASE, Case, brain_points, case_motion, load_case, user_case
 from .dataset import bids_stem, write_case_dataset
 from .runner import INR_METHODS, METHODS, REPO, app_command, run_child
+from .seeds import add_seed_gains, combine_seeds, fold_seeds, seed_medians
 from .simulate import displacement_error_mm
 from .table import render
 
@@ -259,69 +261,6 @@ def _run_method(
 #: Registration error fields of a run record (``registration_error``).
 REG_KEYS = ("reg_mean_mm", "reg_max_mm")
 
-#: Metrics whose per-seed values are kept and whose median is the table's value.
-SEED_METRICS = (
-    "psnr",
-    "psnr_tr",
-    "ssim",
-    "eps_mi",
-    "eps_hat",
-    "lesion_psnr",
-    "lesion_psnr_tr",
-    "lesion_contrast",
-    "reg_mean_mm",
-    "reg_max_mm",
-)
-
-
-def combine_seeds(runs: Sequence[tuple[int, dict, dict, dict]]) -> dict:
-    """One row's fields for one contrast from its per-seed ``(seed, record, facts, scores)``.
-
-    A single run is returned as it is. For several: each of ``SEED_METRICS`` is the
-    median over the seeds, wall and fit seconds the median over every run, peak RSS
-    the maximum, integer facts (epochs) the lower median; ``seed_runs`` lists each
-    seed's own metrics. Any failed seed fails the row (its ``error`` is kept).
-    """
-    if len(runs) == 1:
-        _, record, facts, scores = runs[0]
-        return {**record, **facts, **scores}
-    failed = [record for _, record, _, _ in runs if "error" in record]
-    if failed:
-        return dict(failed[0])
-    first = runs[0]
-    row = {**first[1], **first[2], **first[3]}
-    row["wall_s_runs"] = [w for _, record, _, _ in runs for w in record["wall_s_runs"]]
-    row["wall_s"] = statistics.median(row["wall_s_runs"])
-    fits = [record["fit_s"] for _, record, _, _ in runs if record.get("fit_s") is not None]
-    row["fit_s"] = statistics.median(fits) if fits else None
-    row["peak_rss_mb"] = max(record["peak_rss_mb"] for _, record, _, _ in runs)
-    gpu = [facts["peak_gpu_mb"] for _, _, facts, _ in runs if facts.get("peak_gpu_mb") is not None]
-    row["peak_gpu_mb"] = max(gpu) if gpu else None
-    row["regridded"] = any(record["regridded"] for _, record, _, _ in runs)
-    for key, middle in (
-        ("samples_per_s", statistics.median),
-        ("epochs", statistics.median_low),
-        ("selected_epoch", statistics.median_low),
-    ):
-        values = [facts[key] for _, _, facts, _ in runs if facts.get(key) is not None]
-        if values:
-            row[key] = middle(values)
-    _seed_medians(row, [(seed, scores) for seed, _, _, scores in runs])
-    return row
-
-
-def _seed_medians(row: dict, per_seed: Sequence[tuple[int, dict]]) -> None:
-    """Set each of ``SEED_METRICS`` in ``row`` to its median over ``(seed, scores)``
-    (only where every seed has it) and list each seed's own under ``seed_runs``."""
-    for key in SEED_METRICS:
-        values = [scores[key] for _, scores in per_seed if key in scores]
-        if len(values) == len(per_seed):
-            row[key] = statistics.median(values)
-    row["seed_runs"] = [
-        {"seed": seed, **{k: scores[k] for k in SEED_METRICS if k in scores}}
-        for seed, scores in per_seed
-    ]
-
 
 def score(case: Case, preds: dict[str, np.ndarray], wm: np.ndarray | None) -> dict[str, dict]:
     """Metrics per scored contrast (PSNR, SSIM, eps MI, eps-hat, lesion metrics)."""
@@ -363,6 +302,7 @@ def _add_spline_gains(rows: list[dict]) -> None:
             r["ssim_gain"] = r["ssim"] - ref["ssim"]
         if r.get("psnr_tr") is not None and ref.get("psnr_tr") is not None:
             r["gain_tr_db"] = r["psnr_tr"] - ref["psnr_tr"]
+        add_seed_gains(r, ref)
         if "lesion_psnr" in r:
             r["lesion_psnr_gain_db"] = r["lesion_psnr"] - ref["lesion_psnr"]
             if "lesion_psnr_tr" in r and "lesion_psnr_tr" in ref:
@@ -418,7 +358,7 @@ def rescore(out: Path, data_dir: Path) -> dict:
             per_seed.append((seed, scores[(key, name)][row["contrast"]]))
         row.update(per_seed[0][1])
         if len(per_seed) > 1:
-            _seed_medians(row, per_seed)
+            seed_medians(row, per_seed)
     _add_spline_gains(results["rows"])
     m = machine_info()
     note = f"metrics re-scored {m['date_utc']} with commit {m['commit']} (--rescore)"
@@ -492,8 +432,10 @@ def _group(r: dict) -> tuple:
 def merge(runs: Sequence[dict]) -> dict:
     """One result from several saved runs (``results.json`` dicts).
 
-    Rows are grouped by case, mode, view and contrast (in order of first
-    appearance), methods in the benchmark's order within each group.
+    Rows are grouped by case, mode, view, motion and contrast (in order of first
+    appearance), methods in the benchmark's order within each group. Rows of one
+    group and method from runs of other seeds are folded into one
+    (``seeds.fold_seeds``: medians over all seeds, each seed's own in ``seed_runs``).
 
     Gains are recomputed against the spline rows of *all* runs, so a run of the
     ablations alone is scored against the spline of another run of the same case
@@ -501,7 +443,11 @@ def merge(runs: Sequence[dict]) -> dict:
     """
     if not runs:
         raise ValueError("merge needs at least one results.json")
-    rows = [dict(r) for run in runs for r in run["rows"]]
+    same: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for r in run["rows"]:
+            same.setdefault((*_group(r), r["method"]), []).append(r)
+    rows = [fold_seeds(group) for group in same.values()]
     first: dict[tuple, int] = {}
     for r in rows:
         first.setdefault(_group(r), len(first))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from .seeds import gate_rows
+
 #: (row key, column header, decimals) of the main results table.
 MAIN_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("case", "case", 0),
@@ -40,6 +42,21 @@ REG_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("reg_mean_mm", "mean error mm", 3),
     ("reg_max_mm", "max error mm", 3),
     ("reg_worst_mean_mm", "worst seed mean mm", 3),
+)
+
+#: Columns of the gates table (``seeds.gate_rows``): the worst setting per contrast.
+GATE_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("case", "case", 0),
+    ("mode", "mode", 0),
+    ("contrast", "contrast", 0),
+    ("method", "method", 0),
+    ("settings", "settings", 0),
+    ("gain_tr_median_min", "least median gain truth-range dB", 2),
+    ("gain_tr_seed_min", "least seed gain truth-range dB", 2),
+    ("ssim_gain_seed_min", "least seed SSIM gain", 4),
+    ("eps_mi_max", "largest eps MI", 3),
+    ("reg_aligned_max_mm", "largest registration error aligned mm", 3),
+    ("reg_moved_max_mm", "largest registration error moved mm", 3),
 )
 
 #: Columns of the lesion table (ms-patient07).
@@ -135,14 +152,14 @@ def seed_table(rows: Sequence[dict]) -> str:
     """Markdown: each seed's PSNR / truth-range PSNR / SSIM for rows run with several seeds."""
     lines = [
         "| case | mode | partner view | motion | contrast | method | seed | PSNR truth-range dB "
-        "| SSIM | PSNR min-max dB | registration error mm |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| gain truth-range dB | SSIM | PSNR min-max dB | registration error mm |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for run in r.get("seed_runs", []):
             cells = [r["case"], r["mode"], r["view"], r.get("motion", "none"), r["contrast"]]
             cells += [r["method"], str(run["seed"])]
-            keys = (("psnr_tr", 2), ("ssim", 4), ("psnr", 2), ("reg_mean_mm", 3))
+            keys = (("psnr_tr", 2), ("gain_tr_db", 2), ("ssim", 4), ("psnr", 2), ("reg_mean_mm", 3))
             cells += [format_value(run.get(k), d) for k, d in keys]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -166,6 +183,14 @@ def render(results: dict) -> str:
             "Registration against the known truth:",
             "",
             markdown_table(reg_rows, REG_COLUMNS),
+        ]
+    gates = gate_rows(results["rows"])
+    if gates:
+        lines += [
+            "",
+            "Worst setting per contrast (over partner views, motions and seeds):",
+            "",
+            markdown_table(gates, GATE_COLUMNS),
         ]
     lesion_rows = [r for r in results["rows"] if "lesion_psnr" in r]
     if lesion_rows:
