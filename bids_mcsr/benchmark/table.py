@@ -64,6 +64,7 @@ LESION_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("case", "case", 0),
     ("mode", "mode", 0),
     ("view", "partner view", 0),
+    ("motion", "motion", 0),
     ("method", "method", 0),
     ("lesion_psnr", "lesion PSNR dB", 2),
     ("lesion_psnr_gain_db", "lesion gain dB", 2),
