@@ -156,10 +156,15 @@ def _sidecar(path: Path) -> dict:
 def _prediction(path: Path, case: Case) -> tuple[np.ndarray, bool]:
     """The app's output on the case's HR grid; ``True`` when it had to be resampled."""
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.shape == case.shape and np.allclose(img.affine, case.affine, atol=1e-3):
+    return on_case_grid(np.asarray(img.dataobj, dtype=np.float32), img.affine, case)
+
+
+def on_case_grid(data: np.ndarray, affine: np.ndarray, case: Case) -> tuple[np.ndarray, bool]:
+    """``data`` (voxel->world ``affine``) on the case's HR grid, by cubic spline where
+    the grids differ; ``True`` when it had to be resampled."""
+    if data.shape == case.shape and np.allclose(affine, case.affine, atol=1e-3):
         return data, False
-    return resample_to_grid(data, img.affine, case.shape, case.affine, order=3), True
+    return resample_to_grid(data, affine, case.shape, case.affine, order=3), True
 
 
 def output_path(out_dir: Path, case: Case, contrast: str) -> Path:

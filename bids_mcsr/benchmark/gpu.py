@@ -300,14 +300,10 @@ def _run_one(
 
 
 def _scores(run_dir: Path, record: dict, case) -> dict[str, float]:
-    from ..resample import resample_to_grid
-    from .bench import _white_matter, score
+    from .bench import _white_matter, on_case_grid, score
 
     volumes, _ = unpack(run_dir / record["file"])
-    preds = {}
-    for c, (data, affine) in volumes.items():
-        same = data.shape == case.shape and np.allclose(affine, case.affine, atol=1e-3)
-        preds[c] = data if same else resample_to_grid(data, affine, case.shape, case.affine)
+    preds = {c: on_case_grid(data, affine, case)[0] for c, (data, affine) in volumes.items()}
     return {c: s["psnr_tr"] for c, s in score(case, preds, _white_matter(case)).items()}
 
 

@@ -123,13 +123,15 @@ def add_seed_gains(row: dict, spline: dict) -> None:
         return
     ref = {run["seed"]: run for run in seed_scores(spline)}
     only = next(iter(ref.values())) if len(ref) == 1 else None
+    runs = []
     for run in row["seed_runs"]:
+        run = dict(run)  # the list may be shared with the row merge() copied
         base = ref.get(run["seed"], only)
-        if base is None:
-            continue
         for key, gain in (("psnr_tr", "gain_tr_db"), ("ssim", "ssim_gain")):
-            if run.get(key) is not None and base.get(key) is not None:
+            if base is not None and run.get(key) is not None and base.get(key) is not None:
                 run[gain] = run[key] - base[key]
+        runs.append(run)
+    row["seed_runs"] = runs
 
 
 def gate_rows(rows: Sequence[dict]) -> list[dict]:
