@@ -393,6 +393,19 @@ def test_app_command_method_flags(tmp_path):
         app_command(tmp_path, tmp_path, "x", "smore", work_dir=tmp_path)
 
 
+def test_app_command_overrides_reach_fast_inr_methods_only(tmp_path):
+    texts = ["epochs=3", "lr=0.005"]
+    for method, expected in [
+        ("split-head", texts),
+        ("single", texts),
+        ("spline", []),
+        ("paper", []),
+    ]:
+        cmd = app_command(tmp_path, tmp_path, "x", method, work_dir=tmp_path, overrides=texts)
+        given = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
+        assert given == expected, method
+
+
 def _rows() -> list[dict]:
     base = {"case": "c", "mode": "paper", "view": "sagittal", "contrast": "T1w"}
     return [

@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         "again with the current metrics, rewrite their results.json/.md and print the tables",
     )
     p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preset override passed to the app's --override for every INR method but "
+        "paper (repeatable; for ablations, e.g. --override epochs=10)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -223,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             registration=a.registration,
             motions=list(dict.fromkeys(a.motions)),
             timeout_s=a.timeout,
+            overrides=a.override,
         )
     if s.cases and not s.data_dir.is_dir():
         print(

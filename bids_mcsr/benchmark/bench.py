@@ -72,6 +72,8 @@ class Settings:
     motions: list[str] = field(default_factory=lambda: ["none"])
     timeout_s: float | None = None
     thickness: int = 4
+    # preset overrides (``KEY=VALUE``) of every INR method but ``paper``: ablations
+    overrides: list[str] = field(default_factory=list)
 
 
 def _log(msg: str) -> None:
@@ -228,6 +230,7 @@ def _run_method(
         device=s.device,
         seed=seed,
         overwrite=True,
+        overrides=s.overrides,
     )
     if not s.registration:
         cmd.append("--no-registration")

@@ -95,12 +95,14 @@ def app_command(
     device: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    overrides: Sequence[str] = (),
 ) -> list[str]:
     """The ``run.py ... participant`` command line for one benchmark method.
 
     The generated dataset is not re-validated on every run
     (``--skip_bids_validator``): it is the same for all methods, and validator
-    time would blur the method timings.
+    time would blur the method timings. ``overrides`` (``KEY=VALUE`` texts, as the
+    app's ``--override`` takes them) go to every INR method but ``paper``.
     """
     if method not in METHOD_ARGS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -123,6 +125,9 @@ def app_command(
         cmd += ["--device", device]
         if epochs is not None:
             cmd += ["--epochs", str(epochs)]
+    if method in INR_METHODS and method != "paper":
+        for text in overrides:
+            cmd += ["--override", text]
     if overwrite:
         cmd.append("--overwrite")
     return cmd

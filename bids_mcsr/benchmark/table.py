@@ -140,7 +140,8 @@ def _header(results: dict) -> list[str]:
         f"(wall s = median), seeds {_seeds_text(st)}, "
         f"epochs {st['epochs'] or 'preset default'}, paper preset epochs "
         f"{st['paper_epochs']}, registration "
-        f"{'on' if st['registration'] else 'off (--no-registration)'}",
+        f"{'on' if st['registration'] else 'off (--no-registration)'}"
+        + (f", overrides {st['overrides']}" if st.get("overrides") else ""),
     ]
 
 
