@@ -88,6 +88,9 @@ class Fit:
 
     volumes: dict[str, np.ndarray]  # contrast label -> float32 (out_shape)
     sr_fields: dict  # derivatives.super_resolution_fields(...)
+    # contrast label -> 4x4 correction (fit world) learned with the field, applied
+    # after that input's fit transform (inr.fit.FitResult.pose_corrections)
+    pose_corrections: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # -- steps ---------------------------------------------------------------------------
@@ -354,16 +357,30 @@ def fit_inr(
     out_mask: np.ndarray,
     resolution: float,
     opts: Options,
+    refine: list[bool] | None = None,
 ) -> Fit:
-    """Fit the split-head INR (``inr.fit.fit_contrasts``) and sample it on the output grid."""
+    """Fit the split-head INR (``inr.fit.fit_contrasts``) and sample it on the output grid.
+
+    ``refine`` flags the inputs whose pose the field refines (those registration
+    moved; the preset's ``pose_lr`` switches it on).
+    """
     from .inr.fit import Contrast, fit_contrasts
 
     thickness = [sidecar_slice_thickness(c, img) for c, img in zip(chosen, images, strict=True)]
+    refine = refine or [False] * len(chosen)
     contrasts = [
         Contrast(
-            name=c.label, data=img.data, affine=img.affine, transform=t, mask=m, slice_thickness=st
+            name=c.label,
+            data=img.data,
+            affine=img.affine,
+            transform=t,
+            mask=m,
+            slice_thickness=st,
+            refine_pose=r,
         )
-        for c, img, t, m, st in zip(chosen, images, transforms, in_masks, thickness, strict=True)
+        for c, img, t, m, st, r in zip(
+            chosen, images, transforms, in_masks, thickness, refine, strict=True
+        )
     ]
     try:
         res = fit_contrasts(
@@ -402,7 +419,43 @@ def fit_inr(
         peak_gpu_mb=res.peak_gpu_mb,
         peak_gpu_allocated_mb=res.peak_gpu_allocated_mb,
     )
-    return Fit(volumes=dict(res.volumes), sr_fields=fields)
+    return Fit(volumes=dict(res.volumes), sr_fields=fields, pose_corrections=res.pose_corrections)
+
+
+def apply_pose_corrections(
+    chosen: list[Candidate],
+    fit: Fit,
+    transforms: list[np.ndarray | None],
+    fit_transforms: list[np.ndarray | None],
+    registration: dict,
+    space_transform: np.ndarray | None = None,
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """The registration and fit transforms with the field's learned pose applied.
+
+    A correction ``C`` is learned in the fit's world: the fit transform becomes
+    ``C @ F``; the registration transform (reference world) ``inv(S) @ C @ S @ T``
+    with ``S`` the template transform (identity in native space). The sidecar's
+    ``Registration.Inputs`` entry then gives the refined pose, with the plain
+    registration under ``BeforeJointRefinement``.
+    """
+    if not fit.pose_corrections:
+        return transforms, fit_transforms
+    from .registration import transform_summary
+
+    s = np.eye(4) if space_transform is None else np.asarray(space_transform, dtype=float)
+    transforms, fit_transforms = list(transforms), list(fit_transforms)
+    for i, c in enumerate(chosen):
+        corr = fit.pose_corrections.get(c.label)
+        if corr is None or transforms[i] is None:
+            continue
+        before = transforms[i]
+        transforms[i] = np.linalg.inv(s) @ corr @ s @ before
+        fit_transforms[i] = corr @ (s @ before if fit_transforms[i] is None else fit_transforms[i])
+        entry = registration["Inputs"][c.path.name]
+        entry.update(transform_summary(transforms[i]))
+        entry["BeforeJointRefinement"] = transform_summary(before)
+        entry["JointRefinement"] = transform_summary(corr)
+    return transforms, fit_transforms
 
 
 def fit_spline(
@@ -722,6 +775,15 @@ def _process(
             out_mask,
             resolution,
             opts,
+            refine=[t is not None for t in transforms],
+        )
+        transforms, fit_transforms = apply_pose_corrections(
+            chosen,
+            fit,
+            transforms,
+            fit_transforms,
+            registration,
+            None if space is None else space.transform,
         )
     xfm_files = write_transforms(job, chosen, transforms, registration, out_dir)
     fit.sr_fields["Registration"] = registration

@@ -363,3 +363,25 @@ def test_per_axis_finest_spacing_gives_anisotropic_levels_with_exact_lookup():
         ).restrict_(1, torch.ones(33, 17, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="1 or 3 spacings"):
         DenseGridEncoding(coarsest_mm=8.0, finest_mm=(1.0, 2.0), half_extent_mm=16.0)
+
+
+def test_coordinate_gradient_matches_finite_differences_on_dense_and_restricted_levels():
+    torch.manual_seed(0)
+    enc = DenseGridEncoding(
+        n_levels=3, base_resolution=4, max_resolution=9, features_per_level=2, init_std=1.0
+    ).double()
+    x = (torch.rand(6, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_(True)
+    scale = torch.arange(1.0, 7.0, dtype=torch.float64)[:, None]
+    assert torch.autograd.gradcheck(lambda p: enc(p) * scale, (x,), eps=1e-6, atol=1e-6)
+    enc.restrict_(2, torch.rand(9, 9, 9) > 0.3)
+    assert torch.autograd.gradcheck(lambda p: enc(p) * scale, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_data_coordinates_build_no_coordinate_graph():
+    enc = DenseGridEncoding(n_levels=2, base_resolution=4, max_resolution=8)
+    out = enc(torch.rand(10, 3) * 2 - 1)
+    out.sum().backward()
+    assert all(level.grad is not None for level in enc.levels)
+    inner = out.grad_fn.next_functions
+    # the weights enter the lookup as constants: only the tables have a graph
+    assert sum(fn is not None for fn, _ in inner) == len(enc.levels)

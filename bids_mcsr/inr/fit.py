@@ -86,6 +86,7 @@ from . import grid  # also registers the "dense-grid" encoding
 from . import mi as mi_mod
 from .encoding import ENCODINGS, build_encoding
 from .model import build_field
+from .pose import RigidPoses
 from .presets import Preset, json_ready, merge_overrides, resolve
 
 LOG = logging.getLogger("bids_mcsr.inr")
@@ -107,6 +108,9 @@ class Contrast:
     # mm the scanner integrated across a slice (BIDS SliceThickness); None = the
     # spacing along the slice axis; <= the in-plane spacing = a point sample
     slice_thickness: float | None = None
+    # learn a rigid correction of ``transform`` with the field (Preset.pose_lr > 0;
+    # pose.py); the workflow sets it for the inputs that registration moved
+    refine_pose: bool = False
 
 
 @dataclass
@@ -128,6 +132,9 @@ class FitResult:
     # tensors held (torch.cuda.max_memory_allocated); None on the CPU
     peak_gpu_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
+    # per refined input (Contrast.refine_pose): the 4x4 world -> world correction the
+    # field learned, applied after its ``transform`` (pose.RigidPoses.world_corrections)
+    pose_corrections: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,6 +257,7 @@ def fit_contrasts(
             for idx in groups
         ]
         group_names = [[names[i] for i in idx] for idx in groups]
+        poses = [_poses([contrasts[i] for i in idx], cfg, normaliser, dev) for idx in groups]
 
         runs = []
         for k, (fld, ts) in enumerate(zip(fields, sets, strict=True)):
@@ -268,8 +276,10 @@ def fit_contrasts(
                     progress,
                     normaliser.half_extent,
                     max(sample_gap(contrasts[i], cfg.profile_samples, n_k) for i in groups[k]),
+                    poses[k],
                 )
             )
+        corrections = _pose_corrections(contrasts, groups, poses, normaliser)
 
         if architecture == "single":
             # Independent nets: MI between their predictions of the same epoch.
@@ -344,6 +354,7 @@ def fit_contrasts(
         "diffusion_applied": any(r.diffused for r in runs),
         "contiguous_slices": contiguous,
         "n_parameters": int(sum(p.numel() for f in fields for p in f.parameters())),
+        "pose_refined": sorted(corrections),
     }
     return FitResult(
         volumes=volumes,
@@ -359,7 +370,35 @@ def fit_contrasts(
         seed=seed,
         peak_gpu_mb=_peak_gpu_mb(dev),
         peak_gpu_allocated_mb=_peak_gpu_mb(dev, reserved=False),
+        pose_corrections=corrections,
     )
+
+
+def _poses(contrasts: list[Contrast], cfg: Preset, normaliser, dev) -> RigidPoses | None:
+    """The learned poses of one field's contrasts, or None when none is refined.
+
+    A field needs an anchor: when every contrast it learns asks for refinement
+    (e.g. the single architecture's one-contrast fields), none is refined.
+    """
+    refine = [c.refine_pose for c in contrasts]
+    if cfg.pose_lr <= 0 or not any(refine):
+        return None
+    if all(refine):
+        LOG.info("pose refinement skipped for %s: no fixed contrast", [c.name for c in contrasts])
+        return None
+    return RigidPoses(refine, normaliser.half_extent).to(dev)
+
+
+def _pose_corrections(contrasts, groups, poses, normaliser) -> dict[str, np.ndarray]:
+    """World corrections of the refined contrasts, by name."""
+    out = {}
+    for idx, pose in zip(groups, poses, strict=True):
+        if pose is None:
+            continue
+        for i, m in zip(idx, pose.world_corrections(normaliser.centre), strict=True):
+            if contrasts[i].refine_pose:
+                out[contrasts[i].name] = m
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -967,11 +1006,17 @@ def _train(
     progress,
     half_extent_mm: float,
     sample_gap_mm: float,
+    poses: RigidPoses | None = None,
 ) -> _Trained:
     n_out = len(names)
     k = ts.offsets.shape[1]
     _restrict_fine_levels(fld.encoding, ts, cfg, half_extent_mm)
     opt = _optimizer(fld, cfg)
+    if poses is not None:
+        # its own rate (degrees / mm per step) under the same schedule, no decay
+        opt.add_param_group(
+            {"params": list(poses.parameters()), "lr": cfg.pose_lr, "weight_decay": 0.0}
+        )
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
     batch = batch_size_for(pool_size, cfg)
     steps = max(1, math.ceil(pool_size / batch))
@@ -992,11 +1037,14 @@ def _train(
         diffused=diffuse is not None,
     )
     snapshot: dict | None = None
+    pose_snapshot: dict | None = None
     bar = _progress_bar(cfg.epochs, label) if progress and sys.stderr.isatty() else None
     level = logging.INFO if progress else logging.DEBUG
 
     for epoch in range(cfg.epochs):
         fld.train()
+        if poses is not None:
+            poses.requires_grad_(epoch >= cfg.pose_start_epoch)
         t0 = time.perf_counter()
         order = _epoch_order(ts, cfg, gen)
         err_sum = torch.zeros(n_out, dtype=torch.float64, device=order.device)
@@ -1005,6 +1053,8 @@ def _train(
             idx = order[s : s + batch]
             w = ts.which[idx]
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
+            if poses is not None:
+                pts = poses(pts, w.repeat_interleave(k))
             with _autocast(cfg.precision, pts.device):
                 pred = fld(pts, w.repeat_interleave(k)).view(-1, k).float().mean(dim=1)
                 err = (pred - ts.targets[idx]) ** 2
@@ -1036,10 +1086,14 @@ def _train(
         status = mi_mod.plateau_status(out.mi_curve, rule) if monitor else None
         if status is not None and status.best == epoch:
             snapshot = {key: v.detach().clone() for key, v in fld.state_dict().items()}
+            if poses is not None:
+                pose_snapshot = {key: v.detach().clone() for key, v in poses.state_dict().items()}
         _report(bar, level, label, epoch, cfg.epochs, out, status)
         if status is not None and status.stop:
             out.selected, out.stop_reason = status.best, "mi-plateau"
             fld.load_state_dict(snapshot)
+            if poses is not None:
+                poses.load_state_dict(pose_snapshot)
             break
     else:
         out.selected, out.stop_reason = cfg.epochs - 1, "max-epochs"

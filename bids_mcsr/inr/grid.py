@@ -260,21 +260,23 @@ def _corner_weights(
 
     On a level of ``res = (Rx, Ry, Rz)`` nodes stored ``[z, y, x]`` (flat index
     ``(z * Ry + y) * Rx + x``), node ``0`` at ``-1`` and node ``R - 1`` at ``+1`` on
-    each axis; points outside are clamped to the border. No gradient (the
-    coordinates are data).
+    each axis; points outside are clamped to the border. The weights carry a
+    gradient with respect to ``x`` only when ``x`` requires one (a learned pose,
+    ``pose.RigidPoses``); otherwise the coordinates are data and none is built.
     """
     rx, ry, _ = res
-    with torch.no_grad():
-        top = torch.tensor([r - 1 for r in res], dtype=x.dtype, device=x.device)
+    top = torch.tensor([r - 1 for r in res], dtype=x.dtype, device=x.device)
+    with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
         p = torch.minimum(((x + 1) * (0.5 * top)).clamp(min=0), top)
-        # the last cell's lower corner is node R - 2, so every corner index is valid
-        i0 = torch.minimum(p.floor(), top - 1)
+        with torch.no_grad():
+            # the last cell's lower corner is node R - 2, so every corner index is valid
+            i0 = torch.minimum(p.floor(), top - 1)
+            corner = i0.long()  # integer arithmetic: a fine level has > 2^24 nodes
+            base = (corner[:, 2] * ry + corner[:, 1]) * rx + corner[:, 0]
+            step = torch.tensor(
+                [dx + rx * dy + rx * ry * dz for dx, dy, dz in _CORNERS], device=x.device
+            )
         frac = p - i0
-        i0 = i0.long()
-        base = (i0[:, 2] * ry + i0[:, 1]) * rx + i0[:, 0]
-        step = torch.tensor(
-            [dx + rx * dy + rx * ry * dz for dx, dy, dz in _CORNERS], device=x.device
-        )
         both = torch.stack([1 - frac, frac], dim=1)  # (M, 2, 3): weight of the low/high node
         # (M, dz, dy, dx) flattens in _CORNERS order; (wx * wy) * wz as written out per corner
         xy = both[:, None, :, 0] * both[:, :, None, 1]
@@ -309,12 +311,14 @@ class _Lookup(torch.autograd.Function):
     indexing walks them value by value), and the backward accumulates with
     ``index_put_(accumulate=True)``, which is what autograd uses for indexing but
     not for ``index_select`` (its ``index_add_`` was 1.7x slower here, round 11).
+    Weights that require a gradient (coordinates of a learned pose) get
+    ``sum_f grad[m, f] * table[index[m, c], f]``.
     """
 
     @staticmethod
     def forward(ctx, n: int, *args: torch.Tensor) -> torch.Tensor:
         tables, indices, weights = args[:n], args[n : 2 * n], args[2 * n :]
-        ctx.save_for_backward(*indices, *weights)
+        ctx.save_for_backward(*indices, *weights, *tables)
         ctx.table_shapes = [t.shape for t in tables]
         out = []
         for table, index, w in zip(tables, indices, weights, strict=True):
@@ -326,16 +330,22 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         n = len(ctx.table_shapes)
-        indices, weights = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        saved = ctx.saved_tensors
+        indices, weights, tables = saved[:n], saved[n : 2 * n], saved[2 * n :]
         grads: list[torch.Tensor | None] = [None] * n
+        weight_grads: list[torch.Tensor | None] = [None] * n
         start = 0
         for k, shape in enumerate(ctx.table_shapes):
             width = shape[-1]
+            g = grad[:, start : start + width]
             if ctx.needs_input_grad[1 + k]:
-                g = grad[:, start : start + width]
                 rows = (g[:, None, :] * weights[k][..., None]).reshape(-1, width)
                 out = grad.new_zeros(math.prod(shape[:-1]), width)
                 out.index_put_((indices[k].reshape(-1),), rows, accumulate=True)
                 grads[k] = out.view(shape)
+            if ctx.needs_input_grad[1 + 2 * n + k]:
+                flat = tables[k].reshape(-1, width)
+                read = flat.index_select(0, indices[k].reshape(-1)).view(*indices[k].shape, -1)
+                weight_grads[k] = (read * g[:, None, :]).sum(dim=2)
             start += width
-        return (None, *grads, *([None] * (2 * n)))
+        return (None, *grads, *([None] * n), *weight_grads)

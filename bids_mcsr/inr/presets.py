@@ -105,6 +105,11 @@ class Preset:
     # every epoch). None = no such split; foreground_fraction, when set, replaces it.
     far_background_mm: float | None = None
     far_background_fraction: float = 1.0
+    # --- joint pose refinement (pose.py): inputs that registration moved get a rigid
+    # correction learned with the field, Adam at pose_lr degrees / mm per step from
+    # epoch pose_start_epoch (0-based; the field first takes a rough shape). 0 = off.
+    pose_lr: float = 0.0
+    pose_start_epoch: int = 1
     # --- intensities: (low, high) percentiles inside each input's mask -> 0 and 1 ---
     percentiles: tuple[float, float] = (1.0, 99.0)
     # --- MI monitoring and stopping (see mi.py) ---
@@ -373,6 +378,7 @@ def validate(p: Preset) -> None:
             "min_epochs, patience, window must be >= 1",
         ),
         (0 < p.rel_tol < 1, "rel_tol must be in (0, 1)"),
+        (p.pose_lr >= 0 and p.pose_start_epoch >= 0, "pose_lr and pose_start_epoch must be >= 0"),
         (p.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
         (p.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         (
