@@ -450,7 +450,7 @@ def apply_pose_corrections(
             continue
         before = transforms[i]
         transforms[i] = np.linalg.inv(s) @ corr @ s @ before
-        fit_transforms[i] = corr @ (s @ before if fit_transforms[i] is None else fit_transforms[i])
+        fit_transforms[i] = corr @ fit_transforms[i]  # S @ T: never None where T is not
         entry = registration["Inputs"][c.path.name]
         entry.update(transform_summary(transforms[i]))
         entry["BeforeJointRefinement"] = transform_summary(before)

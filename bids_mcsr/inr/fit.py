@@ -1053,10 +1053,11 @@ def _train(
             idx = order[s : s + batch]
             w = ts.which[idx]
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
+            which = w.repeat_interleave(k)
             if poses is not None:
-                pts = poses(pts, w.repeat_interleave(k))
+                pts = poses(pts, which)
             with _autocast(cfg.precision, pts.device):
-                pred = fld(pts, w.repeat_interleave(k)).view(-1, k).float().mean(dim=1)
+                pred = fld(pts, which).view(-1, k).float().mean(dim=1)
                 err = (pred - ts.targets[idx]) ** 2
                 n_c = torch.bincount(w, minlength=n_out)
                 loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
