@@ -1017,6 +1017,7 @@ def _train(
         opt.add_param_group(
             {"params": list(poses.parameters()), "lr": cfg.pose_lr, "weight_decay": 0.0}
         )
+    refined = None if poses is None else poses.refine[:, 0].bool()
     pool_size = len(_epoch_pool(ts, cfg, torch.Generator().manual_seed(0)))
     batch = batch_size_for(pool_size, cfg)
     steps = max(1, math.ceil(pool_size / batch))
@@ -1043,21 +1044,24 @@ def _train(
 
     for epoch in range(cfg.epochs):
         fld.train()
+        refining = poses is not None and epoch >= cfg.pose_start_epoch
         if poses is not None:
-            poses.requires_grad_(epoch >= cfg.pose_start_epoch)
+            poses.requires_grad_(refining)
         t0 = time.perf_counter()
         order = _epoch_order(ts, cfg, gen)
         err_sum = torch.zeros(n_out, dtype=torch.float64, device=order.device)
         count = torch.zeros(n_out, dtype=torch.float64, device=order.device)
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
+            cut = 0
+            if refining:
+                idx, cut = _pose_subset_first(idx, ts.which, refined, cfg.pose_sample_fraction, gen)
             w = ts.which[idx]
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
             which = w.repeat_interleave(k)
-            if poses is not None:
-                pts = poses(pts, which)
+            parts = _posed(poses, pts, which, cut * k)
             with _autocast(cfg.precision, pts.device):
-                pred = fld(pts, which).view(-1, k).float().mean(dim=1)
+                pred = torch.cat([fld(p, c) for p, c in parts]).view(-1, k).float().mean(dim=1)
                 err = (pred - ts.targets[idx]) ** 2
                 n_c = torch.bincount(w, minlength=n_out)
                 loss = (err * (weights / n_c.clamp(min=1))[w]).sum()
@@ -1101,6 +1105,38 @@ def _train(
     if bar is not None:
         bar.close()
     return out
+
+
+def _pose_subset_first(
+    idx: torch.Tensor, which: torch.Tensor, refined: torch.Tensor, fraction: float, gen
+) -> tuple[torch.Tensor, int]:
+    """Batch ``idx`` reordered so a random ``fraction`` of its refined inputs' targets lead.
+
+    Returns the reordered ``(B,)`` indices and the number of leading targets. Only
+    those carry the pose gradient (``_posed``): a gradient with respect to the
+    coordinates costs several times a plain step through every level, and six
+    parameters per input need far fewer samples than the field does.
+    """
+    draw = torch.rand(len(idx), generator=gen).to(idx.device) < fraction
+    sel = refined[which[idx]] & draw
+    return torch.cat([idx[sel], idx[~sel]]), int(sel.sum())
+
+
+def _posed(
+    poses: RigidPoses | None, pts: torch.Tensor, which: torch.Tensor, cut: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(points, which)`` chunks for the field: the first ``cut`` points posed with gradient.
+
+    ``pts`` ``(M, 3)`` normalised, ``which`` ``(M,)``. The rest are posed as data,
+    so the field builds no coordinate gradient for them. Without poses, one chunk.
+    """
+    if poses is None:
+        return [(pts, which)]
+    with torch.no_grad():
+        rest = (poses(pts[cut:], which[cut:]), which[cut:])
+    if cut == 0:
+        return [rest]
+    return [(poses(pts[:cut], which[:cut]), which[:cut]), rest]
 
 
 def _diffusion_strength(

@@ -110,6 +110,9 @@ class Preset:
     # epoch pose_start_epoch (0-based; the field first takes a rough shape). 0 = off.
     pose_lr: float = 0.0
     pose_start_epoch: int = 1
+    # fraction of a refined input's targets per step that carry the pose gradient;
+    # the rest train the field only (a coordinate gradient costs several plain steps)
+    pose_sample_fraction: float = 0.125
     # --- intensities: (low, high) percentiles inside each input's mask -> 0 and 1 ---
     percentiles: tuple[float, float] = (1.0, 99.0)
     # --- MI monitoring and stopping (see mi.py) ---
@@ -262,6 +265,10 @@ FAST = Preset(
     # of the inputs' sub-1.33 mm detail missing; this rule (0.68 x 0.68 x 1.33 mm there)
     # gave 35.9 / 32.6 / 35.3 dB, 11-12 % missing (docs/fast-engine.md, round 10).
     finest_reference_mm=1.0,
+    # inputs that registration moved get a rigid correction learned with the field:
+    # the MI optimum of thick-slice pairs sits a few tenths of a mm off the truth
+    # (docs/registration.md, "Joint pose refinement"); header-kept inputs never move
+    pose_lr=0.01,
     # outputs below the input's background (0 for magnitude) are overshoot
     # (docs/fast-engine.md, rounds 7 and 13)
     clip_to_floor=True,
@@ -379,6 +386,7 @@ def validate(p: Preset) -> None:
         ),
         (0 < p.rel_tol < 1, "rel_tol must be in (0, 1)"),
         (p.pose_lr >= 0 and p.pose_start_epoch >= 0, "pose_lr and pose_start_epoch must be >= 0"),
+        (0 < p.pose_sample_fraction <= 1, "pose_sample_fraction must be in (0, 1]"),
         (p.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
         (p.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         (
