@@ -1053,10 +1053,10 @@ def _train(
         count = torch.zeros(n_out, dtype=torch.float64, device=order.device)
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
+            w = ts.which[idx]
             cut = 0
             if refining:
-                idx, cut = _pose_subset_first(idx, ts.which, refined, cfg.pose_sample_fraction, gen)
-            w = ts.which[idx]
+                idx, w, cut = _pose_subset_first(idx, w, refined, cfg.pose_sample_fraction, gen)
             pts = (ts.centres[idx][:, None, :] + ts.offsets[w]).reshape(-1, 3)
             which = w.repeat_interleave(k)
             parts = _posed(poses, pts, which, cut * k)
@@ -1108,18 +1108,19 @@ def _train(
 
 
 def _pose_subset_first(
-    idx: torch.Tensor, which: torch.Tensor, refined: torch.Tensor, fraction: float, gen
-) -> tuple[torch.Tensor, int]:
-    """Batch ``idx`` reordered so a random ``fraction`` of its refined inputs' targets lead.
+    idx: torch.Tensor, w: torch.Tensor, refined: torch.Tensor, fraction: float, gen
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Batch ``idx`` and its outputs ``w`` with a random ``fraction`` of refined targets first.
 
-    Returns the reordered ``(B,)`` indices and the number of leading targets. Only
-    those carry the pose gradient (``_posed``): a gradient with respect to the
-    coordinates costs several times a plain step through every level, and six
-    parameters per input need far fewer samples than the field does.
+    Returns the reordered ``(B,)`` indices and outputs and the number of leading
+    targets. Only those carry the pose gradient (``_posed``): a gradient with
+    respect to the coordinates costs several times a plain step through every
+    level, and six parameters per input need far fewer samples than the field does.
     """
     draw = torch.rand(len(idx), generator=gen).to(idx.device) < fraction
-    sel = refined[which[idx]] & draw
-    return torch.cat([idx[sel], idx[~sel]]), int(sel.sum())
+    sel = refined[w] & draw
+    order = torch.cat([torch.nonzero(sel).squeeze(1), torch.nonzero(~sel).squeeze(1)])
+    return idx[order], w[order], int(sel.sum())
 
 
 def _posed(
